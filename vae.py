@@ -1,0 +1,62 @@
+"""The frozen Stable Diffusion VAE that maps images to DiT's latents and back.
+
+`--vae ema|mse` loads stabilityai/sd-vae-ft-ema or -mse from the Hugging Face hub (cached
+after the first download); a local diffusers AutoencoderKL folder works too (`--vae-path`).
+"""
+import os
+
+import torch
+
+LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
+DOWNSAMPLE = 8  # image size / latent size
+HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def vae_source(vae, vae_path=None):
+    """The folder or hub id to load: --vae-path wins over --vae."""
+    if vae_path:
+        if not os.path.isdir(vae_path):
+            raise FileNotFoundError(f"--vae-path {vae_path!r} is not a folder; point it at a diffusers "
+                                    f"AutoencoderKL folder (with config.json)")
+        return vae_path
+    if vae in HUB_IDS:
+        return HUB_IDS[vae]
+    if vae and os.path.isdir(vae):
+        return vae
+    raise ValueError(f"--vae {vae!r} is not one of {', '.join(HUB_IDS)} (or none, where pixel space is "
+                     f"supported) nor a local diffusers folder")
+
+
+def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32):
+    """A frozen AutoencoderKL in eval mode, or a one-line error saying what failed and what to do."""
+    from diffusers.models import AutoencoderKL
+
+    source = vae_source(vae, vae_path)
+    try:
+        model = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
+    except Exception as e:  # offline, missing files, bad config: huggingface_hub and diffusers raise many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RuntimeError(f"could not load the VAE {source!r} ({reason}); connect to the internet once so it is "
+                           f"cached, or pass --vae-path to a local diffusers AutoencoderKL folder") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_distribution(vae, images):
+    """Mean and standard deviation of the encoder's Gaussian for images in [-1, 1] (unscaled)."""
+    dist = vae.encode(images.to(vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean, std, generator=None):
+    """A latent drawn from the encoder's Gaussian, scaled for DiT."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode(vae, latents, chunk_size=8):
+    """Images in [-1, 1] from DiT latents, decoded a few at a time so large batches fit in memory."""
+    out = [vae.decode((chunk / LATENT_SCALE).to(vae.dtype)).sample.float()
+           for chunk in latents.split(chunk_size)]
+    return torch.cat(out)
