@@ -7,6 +7,9 @@ import tempfile
 
 import torch
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -18,6 +21,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -50,8 +54,10 @@ def load_torch(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
+        text = str(e).strip()
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
+        first = next((line for line in lines if "Unsupported" in line), lines[0])
+        if "Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text:
             raise ValueError(f"{what} {path!r} holds pickled Python objects beyond tensors and plain values, "
                              f"and was refused without running them ({first[:200]}); re-save it with tensors "
                              f"only or use a trusted file") from None

@@ -221,10 +221,12 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y):
-        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null)."""
+    def forward(self, x, t, y, force_drop_ids=None):
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
+        force_drop_ids: optional (N,) with 1 where the label is dropped, replacing the random
+        label dropout (train.py draws it from its own seed so that runs are reproducible)."""
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)
@@ -272,6 +274,7 @@ MODEL_SIZES = {  # name: (depth, hidden_size, num_heads)
     "L": (24, 1024, 16),
     "B": (12, 768, 12),
     "S": (12, 384, 6),
+    "T": (4, 128, 4),  # tiny: the CPU demo on 8x8 digits and quick experiments (not in the paper)
 }
 
 

@@ -48,9 +48,10 @@ def encode_distribution(vae, images):
     return dist.mean.float(), dist.std.float()
 
 
-def sample_latents(mean, std, generator=None):
-    """A latent drawn from the encoder's Gaussian, scaled for DiT."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+def sample_latents(mean, std, generator=None, noise=None):
+    """A latent drawn from the encoder's Gaussian, scaled for DiT (`noise`: standard normal draws to use)."""
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * noise) * LATENT_SCALE
 
 

@@ -1,0 +1,245 @@
+"""Training data for DiT: image folders (ADM centre crop) and pre-extracted VAE feature shards.
+
+Both datasets return unflipped samples; train.py draws the horizontal flip (and the latent
+from the stored encoder distribution) itself from a per-step seed, so a run resumed from a
+checkpoint, or split over a different number of processes, sees exactly the same data.
+
+Unreadable images: a file with an image extension that cannot be decoded is skipped with one
+warning naming it. Images held in memory are dropped from the data set at load time; images
+read from disk on the fly are replaced by the next readable image in the folder (so the data
+set keeps its length and order). Files without an image extension are ignored, with one
+warning that counts them.
+"""
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from cli import UserError
+from files import load_torch
+
+IN_MEMORY_LIMIT = 1 << 30  # bytes: smaller image sets and feature sets are held in RAM
+FEATURES_META = "features.json"  # written last by extract_features.py: its presence means complete
+
+
+def adm_center_crop(image, image_size):
+    """The ADM centre crop: halve with a box filter while the short side is at least twice the
+    target, bicubic-resize so the short side equals the target, then crop the centre square."""
+    while min(image.size) >= 2 * image_size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def load_image(path, image_size, channels=3):
+    """A cropped image as a uint8 (C, H, W) tensor; raises OSError when the file is unreadable."""
+    with Image.open(path) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+    array = np.asarray(adm_center_crop(image, image_size))
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def check_labels(num_found, num_classes, where):
+    if num_classes is not None and num_found > num_classes:
+        raise UserError(f"{where} has {num_found} classes, so labels reach {num_found - 1}, but --num-classes is "
+                        f"{num_classes}; pass --num-classes {num_found} (or more)")
+
+
+def batch_collate(batch):
+    """Datasets with __getitems__ hand over ready batches; others get the default collation."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
+
+
+class ImageFolder(Dataset):
+    """One sub-folder per class (sorted names give labels 0, 1, ...), as torchvision's ImageFolder.
+
+    Items are (uint8 image (C, S, S), label). Small sets (under IN_MEMORY_LIMIT once cropped)
+    are decoded once up front, so epochs over them cost no image decoding.
+    """
+
+    def __init__(self, root, image_size, channels=3, num_classes=None, in_memory=None, quiet=False):
+        if not root or not os.path.isdir(root):
+            raise FileNotFoundError(f"--data-path {root!r} is not a folder; point it at an image folder with one "
+                                    f"sub-folder per class (e.g. imagenet/train)")
+        self.root, self.image_size, self.channels, self.quiet = root, image_size, channels, quiet
+        try:
+            self.classes, class_to_idx = find_classes(root)
+        except FileNotFoundError:
+            raise UserError(f"--data-path {root!r} holds no class sub-folders; put the images in one sub-folder "
+                            f"per class (a single sub-folder for unlabelled data)") from None
+        ignored = []
+
+        def is_image(path):
+            if path.lower().endswith(IMG_EXTENSIONS):
+                return True
+            if not os.path.basename(path).startswith("."):
+                ignored.append(path)
+            return False
+
+        try:
+            samples = make_dataset(root, class_to_idx, is_valid_file=is_image)
+        except FileNotFoundError:
+            samples = []
+        if not samples:
+            raise UserError(f"--data-path {root!r} holds no images (extensions {', '.join(IMG_EXTENSIONS)}) in its "
+                            f"class sub-folders; check the path")
+        if ignored:
+            self._warn(f"ignored {len(ignored)} file(s) without an image extension in {root}, e.g. {ignored[0]}")
+        check_labels(len(self.classes), num_classes, f"--data-path {root!r}")
+        self.paths = [p for p, _ in samples]
+        self.labels = torch.tensor([y for _, y in samples], dtype=torch.long)
+        self.warned = set()
+        if in_memory is None:
+            in_memory = len(self.paths) * channels * image_size ** 2 <= IN_MEMORY_LIMIT
+        self.images = self._load_all() if in_memory else None
+
+    def _warn(self, message):
+        if not self.quiet:
+            warnings.warn(message, stacklevel=3)
+
+    def _load_all(self):
+        def load(path):
+            try:
+                return load_image(path, self.image_size, self.channels)
+            except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+                self._warn(f"skipping unreadable image {path} ({e})")
+                return None
+
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # PIL decodes without the GIL
+            images = list(pool.map(load, self.paths))
+        keep = [i for i, image in enumerate(images) if image is not None]
+        if not keep:
+            raise UserError(f"no image under --data-path {self.root!r} could be read; check the files")
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = self.labels[keep]
+        return torch.stack([images[i] for i in keep])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if self.images is not None:
+            return self.images[index], self.labels[index]
+        for offset in range(len(self.paths)):
+            i = (index + offset) % len(self.paths)
+            try:
+                return load_image(self.paths[i], self.image_size, self.channels), self.labels[i]
+            except OSError as e:
+                if i not in self.warned:
+                    self.warned.add(i)
+                    self._warn(f"skipping unreadable image {self.paths[i]} ({e}); using the next image instead")
+        raise UserError(f"no image under --data-path {self.root!r} could be read; check the files")
+
+    def __getitems__(self, indices):
+        if self.images is None:
+            return tuple(default_collate([self[i] for i in indices]))
+        indices = torch.as_tensor(indices)
+        return self.images[indices], self.labels[indices]
+
+
+def shard_name(index):
+    return f"shard-{index:05d}.pt"
+
+
+class FeatureShards(Dataset):
+    """Features written by extract_features.py: for each image, the VAE encoder's mean and
+    standard deviation of the image and of its horizontal flip.
+
+    Items are (mean (2, 4, h, w), std (2, 4, h, w), label); index 1 on the first axis is the
+    flipped image. Large sets are memory-mapped, so processes on one machine share the pages.
+    """
+
+    @staticmethod
+    def read_meta(root):
+        meta_path = os.path.join(root or "", FEATURES_META)
+        if not root or not os.path.isdir(root):
+            raise FileNotFoundError(f"--feature-path {root!r} is not a folder; create it with extract_features.py")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"--feature-path {root!r} has no {FEATURES_META}: extraction is missing or unfinished; "
+                            f"run (or re-run, it resumes) extract_features.py with the same flags")
+        with open(meta_path) as f:
+            return json.load(f)
+
+    def __init__(self, root, num_classes=None):
+        self.meta = self.read_meta(root)
+        check_labels(self.meta["num_classes"], num_classes, f"--feature-path {root!r}")
+        shards = []
+        for entry in self.meta["shards"]:
+            path = os.path.join(root, entry["file"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"feature shard {path} is missing; re-run extract_features.py to rebuild it")
+            shard = load_torch_mmap(path) if self.meta["bytes"] > IN_MEMORY_LIMIT else load_torch(path, "feature shard")
+            if len(shard["labels"]) != entry["count"]:
+                raise UserError(f"feature shard {path} holds {len(shard['labels'])} images, expected "
+                                f"{entry['count']}; delete it and re-run extract_features.py")
+            shards.append(shard)
+        if self.meta["bytes"] <= IN_MEMORY_LIMIT:  # one tensor each: batches become single index operations
+            shards = [{k: torch.cat([s[k] for s in shards]) for k in ("mean", "std", "labels")}]
+        self.shards = shards
+        self.offsets = torch.tensor(np.cumsum([0] + [len(s["labels"]) for s in shards]))
+        self.labels = torch.cat([s["labels"] for s in shards])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index):
+        batch = self.__getitems__([index])
+        return batch[0][0], batch[1][0], batch[2][0]
+
+    def __getitems__(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if len(self.shards) == 1:
+            s = self.shards[0]
+            return s["mean"][indices], s["std"][indices], s["labels"][indices]
+        which = torch.searchsorted(self.offsets, indices, right=True) - 1
+        first = self.shards[0]
+        mean = torch.empty((len(indices), *first["mean"].shape[1:]), dtype=first["mean"].dtype)
+        std = torch.empty_like(mean)
+        for k in which.unique().tolist():
+            rows = (which == k).nonzero().squeeze(1)
+            local = indices[rows] - self.offsets[k]
+            mean[rows] = self.shards[k]["mean"][local]
+            std[rows] = self.shards[k]["std"][local]
+        return mean, std, self.labels[indices]
+
+
+def load_torch_mmap(path):
+    """A shard memory-mapped rather than read: tensors only, like files.load_torch."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"feature shard {path!r} is corrupt ({str(e).splitlines()[0][:200]}); delete it and "
+                         f"re-run extract_features.py") from None
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled by seed + epoch) that can start an epoch part-way through.
+
+    Rank r takes every world_size-th index of the epoch's permutation, so global batch k is
+    the same set of images whatever the number of processes, and sample j of rank r sits at
+    position r + j * world_size of that global batch.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """skip: indices of this rank already consumed in this epoch (batches done x local batch)."""
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return max(0, self.num_samples - self.skip)

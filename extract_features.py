@@ -1,0 +1,140 @@
+"""Encode an image folder once with the frozen Stable Diffusion VAE, for `train.py --feature-path`.
+
+For every image, the encoder's Gaussian (mean and standard deviation) of the image and of its
+horizontal flip is stored, so training still draws a fresh latent and a random flip each time:
+the same training distribution as encoding on the fly, without running the VAE per step.
+
+    torchrun --nnodes=1 --nproc_per_node=N extract_features.py --data-path /path/to/imagenet/train \
+        --feature-path features/imagenet256 --image-size 256
+    torchrun --nnodes=1 --nproc_per_node=N train.py --model DiT-XL/2 --feature-path features/imagenet256
+
+Features go into shards of --shard-size images (shard-00000.pt, ...), shared round-robin among
+the processes and each written atomically; features.json is written last, once every shard
+exists. An interrupted extraction resumes when the same command is run again: finished shards
+are kept, the rest are encoded. A plain `python extract_features.py ...` runs as one process.
+At 256px in float16 a shard of 4096 images takes 128 MiB (ImageNet: about 41 GiB).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import cli
+import data
+import distributed
+import files
+import vae as vae_lib
+
+CONFIG = "config.json"  # what the folder's shards were made from; a mismatch is refused
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-path", type=str, required=True, help="image folder, one sub-folder per class")
+    parser.add_argument("--feature-path", type=str, required=True, help="output folder for the feature shards")
+    parser.add_argument("--image-size", type=int, default=256, help="256 or 512 in the paper; a multiple of 8")
+    parser.add_argument("--vae", type=str, default="ema", help="ema | mse (the Stable Diffusion VAE on the hub)")
+    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder instead")
+    parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once by each process")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                        help="storage type of mean and std (float16 halves the disk space)")
+    parser.add_argument("--precision", choices=["fp32", "tf32"], default="tf32", help="TF32 matmuls on CUDA or not")
+    parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per rank")
+    parser.add_argument("--device", type=str, default="auto", help="auto | cuda | cpu")
+    args = parser.parse_args(argv)
+    if args.image_size % vae_lib.DOWNSAMPLE:
+        raise cli.UserError(f"--image-size {args.image_size} is not divisible by {vae_lib.DOWNSAMPLE} (the VAE's "
+                            f"downsampling factor); use 256 or 512")
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise cli.UserError("--batch-size and --shard-size must be positive")
+
+    rank, world_size, device = distributed.setup(args.device)
+    try:
+        extract(args, rank, world_size, device)
+    finally:
+        distributed.cleanup()
+
+
+@torch.no_grad()
+def extract(args, rank, world_size, device):
+    cli.set_tf32(args.precision, device)
+    dataset = data.ImageFolder(args.data_path, args.image_size, channels=3, in_memory=False, quiet=rank != 0)
+    num_shards = math.ceil(len(dataset) / args.shard_size)
+    config = {"data_path": os.path.abspath(args.data_path), "num_images": len(dataset), "classes": dataset.classes,
+              "image_size": args.image_size, "vae": args.vae, "vae_path": args.vae_path,
+              "shard_size": args.shard_size, "dtype": args.dtype}
+    config_path = os.path.join(args.feature_path, CONFIG)
+    done = [os.path.exists(os.path.join(args.feature_path, data.shard_name(i))) for i in range(num_shards)]
+    if rank == 0:
+        os.makedirs(args.feature_path, exist_ok=True)
+        for stale in glob.glob(os.path.join(args.feature_path, ".tmp-*")):  # left by a killed run
+            os.remove(stale)
+        if not os.path.exists(config_path):
+            files.save_json(config, config_path)
+    distributed.barrier()
+    with open(config_path) as f:
+        existing = json.load(f)
+    if existing != config:
+        changed = sorted(k for k in set(config) | set(existing) if config.get(k) != existing.get(k))
+        raise cli.UserError(f"--feature-path {args.feature_path!r} holds features made with other settings "
+                            f"({', '.join(changed)} differ); use a new --feature-path or delete that folder")
+
+    todo = [i for i in range(rank, num_shards, world_size) if not done[i]]
+    if todo:
+        vae = vae_lib.load_vae(args.vae, args.vae_path, device)
+    images_todo = sum(min(args.shard_size, len(dataset) - i * args.shard_size) for i in todo)
+    if rank == 0:
+        print(f"{len(dataset)} images in {len(dataset.classes)} classes -> {num_shards} shards in "
+              f"{args.feature_path} ({sum(done)} already done); "
+              f"{world_size} process(es)", flush=True)
+    progress = tqdm(total=images_todo, unit="img", disable=rank != 0, desc="rank 0 encoding")
+    dtype = getattr(torch, args.dtype)
+    for shard in todo:
+        indices = range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
+        loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
+                            num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                            collate_fn=data.batch_collate)
+        means, stds, labels = [], [], []
+        for images, y in loader:
+            x = images.to(device).float() / 127.5 - 1
+            # One batch holds the images then their mirror images: stored as [:, 0] and [:, 1].
+            mean, std = vae_lib.encode_distribution(vae, torch.cat([x, x.flip(-1)]))
+            means.append(torch.stack(mean.chunk(2), dim=1).to(dtype).cpu())
+            stds.append(torch.stack(std.chunk(2), dim=1).to(dtype).cpu())
+            labels.append(y)
+            progress.update(len(y))
+        files.save_torch({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels),
+                          "indices": torch.tensor(indices)}, os.path.join(args.feature_path, data.shard_name(shard)))
+    progress.close()
+
+    distributed.barrier()
+    if rank == 0:
+        write_meta(args, config, num_shards, dataset)
+    distributed.barrier()
+
+
+def write_meta(args, config, num_shards, dataset):
+    """features.json marks the folder complete; train.py reads everything it needs from it."""
+    shards, total_bytes, latent_shape = [], 0, None
+    for i in range(num_shards):
+        path = os.path.join(args.feature_path, data.shard_name(i))
+        if not os.path.exists(path):
+            raise RuntimeError(f"shard {path} is missing after extraction; re-run the same command to finish it")
+        shard = data.load_torch_mmap(path)  # reads the shapes, not the data
+        latent_shape = list(shard["mean"].shape[2:])
+        total_bytes += sum(shard[k].numel() * shard[k].element_size() for k in ("mean", "std"))
+        shards.append({"file": data.shard_name(i), "count": len(shard["labels"])})
+    meta = dict(config, num_classes=len(dataset.classes), latent_shape=latent_shape, shards=shards,
+                bytes=total_bytes, latent_scale=vae_lib.LATENT_SCALE)
+    files.save_json(meta, os.path.join(args.feature_path, data.FEATURES_META))
+    print(f"wrote {len(dataset)} images' features ({total_bytes / 2**30:.2f} GiB) to {args.feature_path}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)

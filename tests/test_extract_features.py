@@ -1,0 +1,132 @@
+"""extract_features.py and latent-space training through a tiny Stable-Diffusion-shaped VAE that
+lives in a temporary Hugging Face cache (the real hub loading path, offline).
+
+Checks: shards written by two gloo processes (through a local VAE folder) hold the encoder's mean and std of each image and
+its mirror image; an interrupted extraction resumes without redoing finished shards; training
+from the features gives the same losses and weights as encoding on the fly (same images,
+flips and noise); and two-process on-the-fly training matches one process.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import data
+import extract_features
+import tiny_vae
+import vae as vae_lib
+from test_train import MODEL, checkpoint, metrics, run_main, torchrun, write_images
+
+IMAGES = 12  # 3 classes x 4 images of 32x32 -> 4x4x4 latents; shards of 5 -> 5, 5, 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent")
+    images = write_images(root / "images", per_class=4, classes=3, size=32, mode="RGB", seed=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **tiny_vae.hub_cache(root / "hf"))
+    vae_path = tiny_vae.save_tiny_vae(root / "vae_folder")  # the same weights, for in-process runs
+    features = root / "features"
+    torchrun(*extract_args(images, features, vae_path, "--batch-size", 3), env=env)
+    return {"root": root, "images": images, "env": env, "vae_path": vae_path, "features": features}
+
+
+def extract_args(images, features, vae_path, *extra):
+    return ["extract_features.py", "--data-path", str(images), "--feature-path", str(features), "--image-size", "32",
+            "--shard-size", "5", "--num-workers", "0", "--dtype", "float32", "--vae-path", str(vae_path),
+            *map(str, extra)]
+
+
+def latent_args(results, *extra):
+    return ["--model", MODEL, "--image-size", "32", "--num-classes", "3", "--results-dir", str(results),
+            "--global-batch-size", "4", "--log-every", "1", "--ckpt-every", "100", "--max-steps", "4",
+            "--cpu-threads", "1", *map(str, extra)]
+
+
+def test_shards_hold_both_flips(setup):
+    meta = json.loads((setup["features"] / data.FEATURES_META).read_text())
+    assert meta["num_images"] == IMAGES and meta["num_classes"] == 3 and meta["latent_shape"] == [4, 4, 4]
+    assert [s["count"] for s in meta["shards"]] == [5, 5, 2]
+    dataset = data.ImageFolder(str(setup["images"]), 32, in_memory=True)
+    vae = vae_lib.load_vae(vae_path=setup["vae_path"])
+    x = dataset.images.float() / 127.5 - 1
+    for flip, images in enumerate([x, x.flip(-1)]):
+        mean, std = vae_lib.encode_distribution(vae, images)
+        for entry in meta["shards"]:
+            shard = torch.load(setup["features"] / entry["file"], weights_only=True)
+            idx = shard["indices"]
+            assert torch.equal(shard["labels"], dataset.labels[idx])
+            torch.testing.assert_close(shard["mean"][:, flip], mean[idx], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(shard["std"][:, flip], std[idx], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(mean, vae_lib.encode_distribution(vae, x)[0])  # the flip matters
+
+
+def test_interrupted_extraction_resumes(setup, tmp_path, capsys):
+    features = tmp_path / "features"
+    shutil.copytree(setup["features"], features)
+    before = {name: (features / name).stat().st_mtime_ns for name in ("shard-00000.pt", "shard-00002.pt")}
+    removed = torch.load(features / "shard-00001.pt", weights_only=True)
+    (features / "shard-00001.pt").unlink()
+    (features / data.FEATURES_META).unlink()
+    (features / ".tmp-abc123.pt").write_bytes(b"half a shard")  # what a killed save leaves behind
+    with pytest.raises(Exception, match="no features.json"):
+        data.FeatureShards(str(features))
+    extract_features.main(extract_args(setup["images"], features, setup["vae_path"])[1:])
+    assert "2 already done" in capsys.readouterr().out
+    assert {name: (features / name).stat().st_mtime_ns for name in before} == before
+    rebuilt = torch.load(features / "shard-00001.pt", weights_only=True)
+    assert torch.equal(rebuilt["indices"], removed["indices"])
+    torch.testing.assert_close(rebuilt["mean"], removed["mean"], atol=1e-6, rtol=1e-5)
+    assert not (features / ".tmp-abc123.pt").exists() and (features / data.FEATURES_META).exists()
+    # Other settings into the same folder are refused, naming what differs.
+    args = extract_args(setup["images"], features, setup["vae_path"])[1:]
+    args[args.index("--image-size") + 1] = "64"
+    with pytest.raises(SystemExit):
+        cli.run(lambda: extract_features.main(args))
+    assert "(image_size differ)" in capsys.readouterr().err
+
+
+def test_features_train_like_on_the_fly_encoding(setup, tmp_path):
+    assert run_main(latent_args(tmp_path / "features", "--feature-path", setup["features"])) is None
+    assert run_main(latent_args(tmp_path / "fly", "--data-path", setup["images"], "--vae-path",
+                                setup["vae_path"])) is None
+    fly, feat = metrics(tmp_path / "fly"), metrics(tmp_path / "features")
+    assert len(fly) == 4
+    np.testing.assert_allclose([r["loss"] for r in feat], [r["loss"] for r in fly], rtol=1e-4)
+    a, b = checkpoint(tmp_path / "features", 4), checkpoint(tmp_path / "fly", 4)
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-5, rtol=1e-4)
+    assert a["args"]["in_channels"] == 4 and a["args"]["vae_path"] == setup["vae_path"] and a["args"]["image_size"] == 32
+
+    # Two gloo processes encoding on the fly through the VAE found in the hub cache: the same training.
+    torchrun("train.py", *latent_args(tmp_path / "ddp", "--data-path", setup["images"]), env=setup["env"])
+    c = checkpoint(tmp_path / "ddp", 4)
+    for name in c["model"]:
+        torch.testing.assert_close(c["model"][name], b["model"][name], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "ddp")], [r["loss"] for r in fly], rtol=1e-4)
+
+
+def test_feature_flags_must_agree(setup, tmp_path, capsys):
+    args = latent_args(tmp_path, "--feature-path", setup["features"])
+    args[args.index("--image-size") + 1] = "64"
+    err = run_main(args, capsys)
+    assert "64 differs from the 32" in err, err
+    args = latent_args(tmp_path, "--feature-path", setup["features"])
+    args[args.index("--num-classes") + 1] = "2"
+    err = run_main(args, capsys)
+    assert "--num-classes 3" in err, err
+
+
+def test_large_feature_sets_are_memory_mapped(setup, monkeypatch):
+    small = data.FeatureShards(str(setup["features"]))
+    monkeypatch.setattr(data, "IN_MEMORY_LIMIT", 0)
+    mapped = data.FeatureShards(str(setup["features"]))
+    assert len(small.shards) == 1 and len(mapped.shards) == 3 and len(mapped) == IMAGES
+    order = [11, 0, 5, 4, 7, 10, 3]  # across all three shards, out of order
+    for a, b in zip(small.__getitems__(order), mapped.__getitems__(order)):
+        assert torch.equal(a, b)
+    assert torch.equal(mapped[6][0], small.shards[0]["mean"][6])
