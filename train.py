@@ -77,6 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder")
     parser.add_argument("--in-channels", type=int, choices=[1, 3], default=3,
                         help="pixel space only: 3 = RGB, 1 = greyscale")
+    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                        help="random horizontal flips (--no-hflip for data where a mirror image is another "
+                             "thing, such as digits)")
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--global-batch-size", type=int, default=256)
@@ -465,7 +468,7 @@ def train(args, rank, world_size, device):
         for batch in loader:
             # Every random draw is made for the whole global batch, then sliced: see the docstring.
             gen.manual_seed(step_seed(args.global_seed, train_steps))
-            flip = (torch.rand(B, generator=gen, device=device) < 0.5)[sl]
+            flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[sl]
             drop = (torch.rand(B, generator=gen, device=device) < dropout)[sl].long()
             t = torch.randint(0, diffusion.num_timesteps, (B,), generator=gen, device=device)[sl]
             latent_noise = torch.randn((B, *latent_shape), generator=gen, device=device)[sl]

@@ -1,0 +1,86 @@
+"""Sample a few images from a DiT: released weights (downloaded once) or a train.py checkpoint.
+
+    python sample.py --image-size 512 --seed 1
+    python sample.py --ckpt results/000-DiT-XL-2/checkpoints/0400000.pt --sampler dpm-solver --num-sampling-steps 25
+
+With the DDPM sampler (the default), the same seed, checkpoint and VAE give the same image as
+the original sample.py on the same device: the global RNG is seeded, the model is built
+(drawing its random initialisation) before its weights are loaded, and the start noise and
+per-step noise are drawn in the original's order. A train.py checkpoint supplies --model,
+--image-size, --num-classes and --vae (including pixel-space `none` models) when not given.
+
+From Python, main([...flags]) returns the images as an N x H x W x C uint8 array.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torchvision.utils import save_image as save_grid
+
+import cli
+import sampling
+from distributed import pick_device
+from files import atomic_path, save_image
+
+ORIGINAL_CLASS_LABELS = "207 360 387 974 88 979 417 279"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sampling.add_model_args(parser, cfg_scale=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--class-labels", default=None,
+                        help=f"labels separated by spaces or commas (default: {ORIGINAL_CLASS_LABELS} for 1000 "
+                             f"classes, else each class once, at most 16)")
+    parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
+                        help="default: PyTorch's own settings, as the original sample.py")
+    parser.add_argument("--output", default="sample.png", help="the grid of all samples")
+    parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
+    parser.add_argument("--save-individual", action="store_true",
+                        help="also save each image as OUTPUT-000.png, OUTPUT-001.png, ...")
+    parser.add_argument("--vae-batch-size", type=int, default=8, help="images decoded at once")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()  # a context, not set_grad_enabled(False): main() is also called from Python
+def main(argv=None):
+    args = parse_args(argv)
+    sampling.check_cfg_scale(args.cfg_scale)
+    device = pick_device(args.device)
+    if args.precision is not None:
+        cli.set_tf32(args.precision, device)
+
+    torch.manual_seed(args.seed)
+    model, settings = sampling.load_model(args, device)
+    if args.class_labels is None:
+        labels = ([int(y) for y in ORIGINAL_CLASS_LABELS.split()] if settings.num_classes == 1000
+                  else list(range(min(settings.num_classes, 16))))
+    else:
+        labels = cli.parse_class_labels(args.class_labels, settings.num_classes)
+    if not labels:
+        raise cli.UserError("--class-labels is empty; give at least one label")
+    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps)
+    decode = sampling.load_decoder(settings, device, args.vae_batch_size)
+
+    noise = torch.randn(len(labels), settings.in_channels, settings.latent_size, settings.latent_size, device=device)
+    latents = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
+                                guide_all_channels=args.cfg_all_channels, precision=args.precision or "fp32",
+                                progress=True)
+    images = decode(latents)
+
+    with atomic_path(args.output) as tmp:
+        save_grid(images, tmp, nrow=args.nrow, normalize=True, value_range=(-1, 1))
+    print(f"saved {len(labels)} samples to {args.output}", file=sys.stderr)
+    uint8 = cli.to_uint8(images)
+    if args.save_individual:
+        from PIL import Image
+
+        stem, ext = os.path.splitext(args.output)
+        for i, image in enumerate(uint8):
+            save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), f"{stem}-{i:03d}{ext}")
+    return uint8
+
+
+if __name__ == "__main__":
+    cli.run(main)

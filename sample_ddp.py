@@ -1,0 +1,170 @@
+"""Sample many images in parallel for FID: PNGs plus the ADM-style .npz that evaluation reads.
+
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --model DiT-XL/2 --num-fid-samples 50000
+
+GPUs use NCCL, CPU processes gloo (`--device cpu`); plain `python sample_ddp.py` runs as one
+process. The paper's FID setting is the default: cfg 1.5, 250 DDPM steps, labels uniformly
+random (or exactly balanced with --balanced-classes).
+
+Writes SAMPLE_DIR/FOLDER/000000.png ..., SAMPLE_DIR/FOLDER.npz (arr_0: uint8 images,
+N x H x W x 3, exactly N; arr_1: their class labels, as ADM writes them) and SAMPLE_DIR/FOLDER.json
+(the settings). Sample i's label, start noise and per-step noise come from a generator seeded
+with (global seed, i), so the images do not depend on the number of processes: with the same
+--per-proc-batch-size, device and thread count they are bitwise identical; another batch size
+changes only floating-point rounding (kernels round differently for other shapes). PNGs are
+written atomically, and a restarted run skips the ones already there and completes the set.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import cli
+import distributed
+import sampling
+from files import atomic_path, save_image, save_json
+
+# Settings that change the images: a restart into the same folder must keep them.
+IMAGE_SETTINGS = ("model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "in_channels", "cfg_scale",
+                  "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
+                  "precision")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sampling.add_model_args(parser, cfg_scale=1.5)
+    parser.add_argument("--sample-dir", default="samples")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--balanced-classes", action="store_true",
+                        help="exactly N / num_classes samples per class (in random order) instead of uniform labels")
+    parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
+                        help="default: tf32 (as the original), or fp32 with --no-tf32")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ GPUs: faster, slightly different numbers")
+    parser.add_argument("--vae-batch-size", type=int, default=8, help="images decoded at once")
+    args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "tf32" if args.tf32 else "fp32"
+    return args
+
+
+def folder_name(args, settings):
+    """The original's naming, plus the sampler and its step count."""
+    ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{settings.image_size}-vae-{settings.vae}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}")
+
+
+def class_labels(args, num_classes, indices, generators):
+    """Each sample's label: drawn from its own generator, or a seeded balanced assignment."""
+    if args.balanced_classes:
+        order = torch.randperm(args.num_fid_samples, generator=torch.Generator().manual_seed(args.global_seed))
+        balanced = (torch.arange(args.num_fid_samples) % num_classes)[order]
+        return [int(balanced[i]) for i in indices]
+    return [int(torch.randint(num_classes, (), generator=g)) for g in generators]
+
+
+def create_npz(folder, labels):
+    """SAMPLE_DIR/FOLDER.npz from the N PNGs and their labels, as ADM's evaluation suite expects."""
+    num_samples = len(labels)
+    first = np.asarray(Image.open(os.path.join(folder, f"{0:06d}.png")).convert("RGB"))
+    samples = np.empty((num_samples, *first.shape), dtype=np.uint8)
+    for i in tqdm(range(num_samples), desc="building .npz", leave=False):
+        samples[i] = np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB"))
+    path = f"{folder}.npz"
+    with atomic_path(path) as tmp:
+        np.savez(tmp, arr_0=samples, arr_1=np.asarray(labels, dtype=np.int64))
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_fid_samples < 1 or args.per_proc_batch_size < 1:
+        raise cli.UserError("--num-fid-samples and --per-proc-batch-size must be positive")
+    if args.global_seed < 0:
+        raise cli.UserError(f"--global-seed must be non-negative, got {args.global_seed}")
+    sampling.check_cfg_scale(args.cfg_scale)
+    rank, world_size, device = distributed.setup(args.device)
+    try:
+        return _sample(args, rank, world_size, device)
+    finally:
+        distributed.cleanup()
+
+
+@torch.no_grad()
+def _sample(args, rank, world_size, device):
+    if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # processes on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    cli.set_tf32(args.precision, device)
+
+    model, settings = sampling.load_model(args, device)
+    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps)
+    decode = sampling.load_decoder(settings, device, args.vae_batch_size)
+    folder = os.path.join(args.sample_dir, folder_name(args, settings))
+    record = {**dataclasses.asdict(settings), **{k: getattr(args, k) for k in (
+        "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
+        "precision", "num_fid_samples", "per_proc_batch_size")}}
+
+    # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
+    if os.path.exists(f"{folder}.json"):
+        with open(f"{folder}.json") as f:
+            earlier = json.load(f)
+        keys = IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())
+        changed = [k for k in keys if earlier.get(k) != record.get(k)]
+        if changed:
+            raise cli.UserError(f"{folder} holds samples made with other settings ({', '.join(changed)}: "
+                                f"{[earlier.get(k) for k in changed]}); use another --sample-dir or delete it")
+    os.makedirs(folder, exist_ok=True)
+    missing = [i for i in range(args.num_fid_samples) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
+    distributed.barrier()
+    if rank == 0:
+        save_json({**record, "world_size": world_size, "device": str(device), "torch": torch.__version__},
+                  f"{folder}.json")
+        print(f"sampling {len(missing)} of {args.num_fid_samples} images into {folder} on {world_size} process(es)",
+              file=sys.stderr)
+
+    mine = missing[rank::world_size]
+    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    start = time.time()
+    shape = (settings.in_channels, settings.latent_size, settings.latent_size)
+    for indices in tqdm(batches, desc=f"rank {rank}", disable=rank != 0):
+        # A short batch is padded to full size (extras dropped): every call then has the same shapes,
+        # and kernels round the same way whatever the split over processes.
+        padded = indices + indices[-1:] * (args.per_proc_batch_size - len(indices))
+        generators = sampling.seeded_generators(args.global_seed, padded)
+        labels = class_labels(args, settings.num_classes, padded, generators)
+        noise = sampling.draw(generators, shape).to(device)
+        latents = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
+                                    guide_all_channels=args.cfg_all_channels, precision=args.precision,
+                                    step_noise=lambda: sampling.draw(generators, shape))
+        for index, image in zip(indices, cli.to_uint8(decode(latents))):  # zip drops the padding
+            save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
+                       os.path.join(folder, f"{index:06d}.png"))
+    elapsed = time.time() - start
+
+    distributed.barrier()
+    if rank == 0:
+        if mine:
+            print(f"rank 0: {len(mine)} images in {elapsed:.1f}s ({elapsed / len(mine):.3f}s per image)",
+                  file=sys.stderr)
+        everyone = range(args.num_fid_samples)
+        generators = sampling.seeded_generators(args.global_seed, everyone)
+        labels = class_labels(args, settings.num_classes, everyone, generators)
+        path = create_npz(folder, labels)
+        print(f"saved {args.num_fid_samples} samples to {path}", file=sys.stderr)
+        return path
+    return None
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,180 @@
+"""download.py: released weights from a loopback HTTP server (resume after a cut, restart when the
+server cannot resume, no network), train.py checkpoints, and refusal of pickled code."""
+import http.server
+import os
+import socket
+import threading
+
+import pytest
+import torch
+
+import download
+
+NAME = "DiT-XL-2-256x256.pt"
+
+
+class Server:
+    """A 127.0.0.1 file server. mode: "ok"; "cut_first" (the first response stops halfway);
+    "always_cut"; "no_range" (ignores Range and always sends the whole file)."""
+
+    def __init__(self, payload, mode="ok"):
+        self.payload, self.mode, self.requests = payload, mode, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                data, start = server.payload, 0
+                if rng and server.mode != "no_range":
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                cut = server.mode == "always_cut" or (server.mode == "cut_first" and len(server.requests) == 1)
+                # A cut sends half of what was announced, then drops the connection.
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def weights(tmp_path):
+    state_dict = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(3)}
+    path = tmp_path / "src.pt"
+    torch.save(state_dict, path)
+    return state_dict, path.read_bytes()
+
+
+@pytest.fixture
+def serve(monkeypatch, tmp_path):
+    servers = []
+    monkeypatch.chdir(tmp_path)  # pretrained_models/ lands here
+
+    def start(payload, mode="ok"):
+        server = Server(payload, mode)
+        servers.append(server)
+        monkeypatch.setenv(download.MIRROR_ENV, server.url)
+        return server
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_download_once_then_reuse(serve, weights):
+    state_dict, payload = weights
+    server = serve(payload)
+    loaded = download.find_model(NAME)
+    assert torch.equal(loaded["w"], state_dict["w"]) and torch.equal(loaded["b"], state_dict["b"])
+    assert server.requests == [(f"/models/{NAME}", None)]
+    assert os.listdir("pretrained_models") == [NAME]
+    download.find_model(NAME)
+    assert len(server.requests) == 1  # cached: not fetched again
+
+
+def test_cut_transfer_resumes_from_the_partial_file(serve, weights):
+    _, payload = weights
+    server = serve(payload, "cut_first")
+    path = download.download_model(NAME)
+    with open(path, "rb") as f:
+        assert f.read() == payload
+    assert server.requests[0][1] is None and server.requests[1][1] == f"bytes={len(payload) // 2}-"
+    assert not os.path.exists(path + ".part")
+
+
+def test_interrupted_download_is_never_renamed_and_resumes_on_the_next_run(serve, weights):
+    _, payload = weights
+    server = serve(payload, "always_cut")
+    with pytest.raises(RuntimeError) as e:
+        download.download_model(NAME)
+    message = str(e.value)
+    assert "run again to resume" in message and download.MIRROR_ENV in message and "--ckpt" in message
+    assert "\n" not in message
+    assert not os.path.exists(os.path.join("pretrained_models", NAME))
+    have = os.path.getsize(os.path.join("pretrained_models", NAME + ".part"))
+    assert 0 < have < len(payload)
+
+    server.mode = "ok"
+    path = download.download_model(NAME)
+    assert server.requests[-1][1] == f"bytes={have}-"
+    with open(path, "rb") as f:
+        assert f.read() == payload
+
+
+def test_server_without_range_support_restarts_cleanly(serve, weights):
+    _, payload = weights
+    server = serve(payload, "no_range")
+    os.makedirs("pretrained_models")
+    with open(os.path.join("pretrained_models", NAME + ".part"), "wb") as f:
+        f.write(b"stale bytes from an earlier try")
+    path = download.download_model(NAME)
+    assert server.requests[0][1] == "bytes=31-"  # asked to resume, got the whole file: overwritten
+    with open(path, "rb") as f:
+        assert f.read() == payload
+
+
+def test_no_network_gives_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{port}")
+    with pytest.raises(RuntimeError) as e:
+        download.find_model(NAME)
+    message = str(e.value)
+    assert f"127.0.0.1:{port}/{NAME}" in message and "--ckpt" in message and download.MIRROR_ENV in message
+    assert "\n" not in message
+
+
+def test_download_script_fetches_all_released_weights(serve, weights, capsys):
+    _, payload = weights
+    serve(payload)
+    download.main(["--dir", "weights"])
+    assert sorted(os.listdir("weights")) == sorted(download.RELEASED_MODELS)
+    assert capsys.readouterr().out.count("weights") == 2
+
+
+def test_train_checkpoint_yields_ema_weights_and_args(tmp_path):
+    ema, model = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    torch.save({"model": model, "ema": ema, "opt": {}, "args": {"model": "DiT-S/2", "image_size": 256},
+                "train_steps": 5, "epoch": 0}, tmp_path / "ckpt.pt")
+    state_dict, args = download.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert torch.equal(state_dict["w"], ema["w"]) and args["image_size"] == 256
+    assert torch.equal(download.find_model(str(tmp_path / "ckpt.pt"))["w"], ema["w"])
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"ema": {"w": torch.ones(1)}, "args": Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError) as e:
+        download.find_model(str(tmp_path / "evil.pt"))
+    assert "refused" in str(e.value) and "evil.pt" in str(e.value)
+    assert not marker.exists()
+    # The same pickle loaded without weights_only would have run the code: the marker test is live.
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()

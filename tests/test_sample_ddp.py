@@ -1,0 +1,113 @@
+"""sample_ddp.py: 1 and 2 processes (torchrun, gloo) write the same .npz, a resumed run completes
+the same set, labels are uniform or balanced, and a folder made with other settings is refused."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import sample_ddp
+import tiny_dit
+import tiny_vae
+from conftest import ROOT
+
+tiny_dit.register()
+LAUNCHER = str(ROOT / "tests" / "tiny_dit.py")
+SCRIPT = str(ROOT / "sample_ddp.py")
+COMMON = ["--device", "cpu", "--num-fid-samples", "7", "--per-proc-batch-size", "2", "--num-sampling-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def latent_setup(tmp_path_factory):
+    """A tiny latent-space checkpoint and the tiny VAE, both as a local folder and under its hub id."""
+    root = tmp_path_factory.mktemp("ddp")
+    tiny_dit.write_checkpoint(root / "tiny.pt", image_size=32)
+    env = {**os.environ, **tiny_vae.hub_cache(root), "OMP_NUM_THREADS": "1"}
+    vae_path = os.path.join(root, "hub", "models--stabilityai--sd-vae-ft-ema", "snapshots", tiny_vae.COMMIT)
+    return root, env, vae_path
+
+
+def in_process(root, sample_dir, vae_path):
+    """sample_ddp.main as `python sample_ddp.py` runs it, with one thread like each torchrun process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count in every run keeps kernels rounding alike
+    try:
+        return sample_ddp.main(["--ckpt", str(root / "tiny.pt"), *COMMON, "--vae-path", vae_path,
+                                "--sample-dir", str(root / sample_dir)])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single(latent_setup):
+    root, _, vae_path = latent_setup
+    return in_process(root, "one", vae_path)
+
+
+def test_one_process_writes_exactly_n_samples_and_settings(single):
+    data = np.load(single)
+    images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (7, 32, 32, 3)
+    assert labels.shape == (7,) and labels.min() >= 0 and labels.max() < 10
+    assert images.std() > 1 and not (images[0] == images[1]).all()
+    folder = single[:-len(".npz")]
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(7)]
+    assert os.path.exists(folder + ".json")
+
+
+def test_two_processes_write_the_same_npz(latent_setup, single):
+    """torchrun with 2 gloo processes, the VAE found offline under its hub id."""
+    root, env, _ = latent_setup
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", LAUNCHER, SCRIPT,
+                    "--ckpt", str(root / "tiny.pt"), *COMMON, "--sample-dir", str(root / "two")],
+                   env=env, check=True, cwd=root)
+    (two,) = glob.glob(str(root / "two" / "*.npz"))
+    a, b = np.load(single), np.load(two)
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_resumed_run_completes_the_same_set(latent_setup, single):
+    root, _, vae_path = latent_setup
+    shutil.copytree(os.path.dirname(single), root / "resumed")
+    folder = glob.glob(str(root / "resumed" / "*.npz"))[0][:-len(".npz")]
+    os.remove(folder + ".npz")
+    kept = os.path.join(folder, "000003.png")
+    before = os.stat(kept).st_mtime_ns
+    for i in (0, 4, 6):
+        os.remove(os.path.join(folder, f"{i:06d}.png"))
+    resumed = in_process(root, "resumed", vae_path)
+    assert os.stat(kept).st_mtime_ns == before  # skipped, not redone
+    np.testing.assert_array_equal(np.load(resumed)["arr_0"], np.load(single)["arr_0"])
+
+
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pixel") / "tiny.pt"
+    tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
+    return str(path)
+
+
+def test_balanced_classes_and_pixel_space(tmp_path, pixel_ckpt):
+    npz = sample_ddp.main(["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "20",
+                           "--per-proc-batch-size", "8", "--num-sampling-steps", "2", "--sampler", "ddim",
+                           "--balanced-classes", "--sample-dir", str(tmp_path)])
+    data = np.load(npz)
+    assert data["arr_0"].shape == (20, 8, 8, 3)  # grey samples, stored as RGB for the evaluators
+    assert (data["arr_0"][..., 0] == data["arr_0"][..., 2]).all()
+    assert np.bincount(data["arr_1"], minlength=10).tolist() == [2] * 10
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, pixel_ckpt, capsys):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "2", "--num-sampling-steps", "2",
+            "--sample-dir", str(tmp_path)]
+    sample_ddp.main(argv)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sample_ddp.main(argv + ["--no-tf32"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other settings" in err and "precision" in err
