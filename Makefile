@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 .PHONY: demo test venv
 venv: $(VENV)/.complete
 
-$(VENV)/.complete: requirements.txt
+# No prerequisite: the folder name already changes with requirements.txt, and a fresh clone's
+# newer file times must not trigger a rebuild.
+$(VENV)/.complete:
 	rm -rf $(VENV) && python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
