@@ -9,7 +9,16 @@ Quality, from the same start noise and labels:
   hidden features; this compares the ODE solvers with ancestral DDPM-250.
 
     python benchmarks/bench_sample.py                       # fits a tiny pixel-space DiT on the digits first
-    python benchmarks/bench_sample.py --ckpt results/000-DiT-Digits-2/checkpoints/last.pt
+    python benchmarks/bench_sample.py --ckpt demo_out/000-DiT-T-2/checkpoints/0002000.pt
+
+Measured on the demo's DiT-T/2 (2,000 steps), 200 images, cfg 4, CPU (2 shared cores):
+    sampler          s/image  speed-up  ode_rmse  accuracy    fd
+    ddpm-250         0.2818      1.0x       -       1.000    5.20
+    ddim-50          0.0609      4.6x    0.0172     1.000    6.34
+    ddim-25          0.0322      8.8x    0.0340     1.000    6.29
+    dpm-solver-25    0.0279     10.1x    0.0304     1.000    5.96
+    dpm-solver-10    0.0112     25.2x    0.0771     1.000    5.43
+    (the ODE reference, ddim-1000: accuracy 1.000, fd 6.36)
 """
 import argparse
 import os
