@@ -43,6 +43,16 @@ def setup(device=None):
     return rank, world_size, device
 
 
+def share_cpu_threads(device, threads=0):
+    """On CPU, processes on one machine split its cores instead of oversubscribing them;
+    `threads` > 0 sets the count. A lone process keeps torch's own setting."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type != "cpu" or (not threads and local_processes == 1):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads or max(1, cores // local_processes))
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

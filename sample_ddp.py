@@ -102,9 +102,7 @@ def main(argv=None):
 
 @torch.no_grad()
 def _sample(args, rank, world_size, device):
-    if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # processes on one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    distributed.share_cpu_threads(device)
     cli.set_tf32(args.precision, device)
 
     model, settings = sampling.load_model(args, device)

@@ -297,9 +297,7 @@ def local_batch_size(global_batch_size, world_size):
 
 def train(args, rank, world_size, device):
     local_batch = local_batch_size(args.global_batch_size, world_size)
-    if device.type == "cpu":  # processes sharing a machine split its cores instead of oversubscribing them
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(args.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    distributed.share_cpu_threads(device, args.cpu_threads)
     cli.set_tf32(args.precision, device)
 
     # Data.
