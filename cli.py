@@ -1,6 +1,9 @@
-"""What the command-line scripts share: one-line errors instead of stack traces, precision
-flags, and image conversion helpers."""
+"""What the command-line scripts share: one-line errors for the user's mistakes (tracebacks for
+ours), the flags every script reads the same way, precision, and image conversion helpers."""
+import argparse
 import contextlib
+import errno
+import math
 import sys
 
 import torch
@@ -8,18 +11,40 @@ import torch
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
-class UserError(Exception):
-    """A problem with the user's input or environment, reported as one line."""
+class UserError(ValueError):
+    """A problem with the user's input or environment, reported as one line by run().
+    A ValueError, so library callers that catch ValueError keep working."""
+
+
+# Environment errors whose message already says what is wrong; anything else is a bug to debug.
+ENVIRONMENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def is_environment_error(error):
+    """True for errors about the machine rather than our code: missing files, no permission,
+    a full or read-only disk, GPU out of memory."""
+    if isinstance(error, (UserError, *ENVIRONMENT_ERRORS)):
+        return True
+    if isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS:
+        return True
+    return isinstance(error, OUT_OF_MEMORY)
 
 
 def run(main):
-    """Call main(); report user-facing errors as a single `error: ...` line and exit 2."""
+    """Call main(); report user and environment errors as one `error: ...` line (exit 2).
+    Every other exception keeps its traceback: it is a bug, in our code or a modified model."""
     try:
         return main()
     except KeyboardInterrupt:
         sys.exit("interrupted")
-    except (UserError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except Exception as e:
+        if not is_environment_error(e):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OUT_OF_MEMORY):
+            msg = f"the GPU ran out of memory ({msg[:120]}); lower the batch size or use --precision bf16"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 
@@ -57,3 +82,64 @@ def parse_class_labels(text, num_classes):
         raise UserError(f"class label {bad[0]} is out of range: labels must be in [0, {num_classes - 1}] "
                         f"for --num-classes {num_classes}")
     return labels
+
+
+# ------------------------------------------------------------------ flags the scripts share
+# Added once here so that a flag means the same in train.py, sample.py, sample_ddp.py and digits.py.
+VAE_CHOICES = ("ema", "mse", "none")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+
+
+def add_model_flags(parser, training):
+    """The model's flags. Training gets the paper's defaults; sampling defaults them to None,
+    meaning "what the checkpoint records" (else the released DiT-XL/2's settings)."""
+    import models  # lazily: models imports this module
+
+    from_ckpt = "" if training else " (default: the checkpoint's)"
+    parser.add_argument("--model", choices=list(models.DiT_models), default="DiT-XL/2" if training else None,
+                        help="DiT config" + (from_ckpt or " (default DiT-XL/2)"))
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="image side in pixels: 256 or 512 with the VAE (any multiple of 8), any multiple of "
+                             "the patch in pixel space" + (from_ckpt or " (default 256, or the features')"))
+    parser.add_argument("--num-classes", type=positive_int, default=1000 if training else None, help="class labels")
+    parser.add_argument("--vae", choices=VAE_CHOICES, default=None,
+                        help="Stable Diffusion VAE (ema, mse) or none for pixel space"
+                             + (from_ckpt or " (default ema)"))
+    parser.add_argument("--vae-path", default=None, help="a local diffusers AutoencoderKL folder instead of --vae")
+    if training:
+        parser.add_argument("--in-channels", type=int, choices=[1, 3], default=3,
+                            help="pixel space only: 3 = RGB, 1 = greyscale")
+
+
+def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm"):
+    """How samples are drawn: the sampler, its steps, classifier-free guidance."""
+    parser.add_argument("--sampler", choices=SAMPLERS, default=sampler,
+                        help="ddpm: ancestral, as the original; ddim: deterministic DDIM; "
+                             "dpm-solver: DPM-Solver++(2M), ~25 steps suffice")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=num_sampling_steps)
+    parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale,
+                        help="classifier-free guidance scale; 1 = off")
+    parser.add_argument("--cfg-all-channels", action="store_true",
+                        help="guide all noise channels (the original guides the first three only)")
+
+
+def add_device_flags(parser, precision):
+    """--device and --precision; `precision` is the script's default (None: PyTorch's own settings)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=PRECISIONS, default=precision,
+                        help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
+                             + (precision or "PyTorch's own settings, as the original sample.py"))
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value

@@ -217,7 +217,7 @@ def load_torch_mmap(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"feature shard {path!r} is corrupt ({str(e).splitlines()[0][:200]}); delete it and "
+        raise UserError(f"feature shard {path!r} is corrupt ({str(e).splitlines()[0][:200]}); delete it and "
                          f"re-run extract_features.py") from None
 
 

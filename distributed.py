@@ -10,6 +10,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from cli import UserError
+
 
 def _free_port():
     with socket.socket() as s:
@@ -22,8 +24,11 @@ def pick_device(name=None):
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def setup(device=None):

@@ -38,7 +38,8 @@ def main(argv=None):
     parser.add_argument("--data-path", type=str, required=True, help="image folder, one sub-folder per class")
     parser.add_argument("--feature-path", type=str, required=True, help="output folder for the feature shards")
     parser.add_argument("--image-size", type=int, default=256, help="256 or 512 in the paper; a multiple of 8")
-    parser.add_argument("--vae", type=str, default="ema", help="ema | mse (the Stable Diffusion VAE on the hub)")
+    parser.add_argument("--vae", choices=list(vae_lib.HUB_IDS), default="ema",
+                        help="ema | mse (the Stable Diffusion VAE on the hub)")
     parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder instead")
     parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once by each process")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
@@ -125,7 +126,7 @@ def write_meta(args, config, num_shards, dataset):
     for i in range(num_shards):
         path = os.path.join(args.feature_path, data.shard_name(i))
         if not os.path.exists(path):
-            raise RuntimeError(f"shard {path} is missing after extraction; re-run the same command to finish it")
+            raise cli.UserError(f"shard {path} is missing after extraction; re-run the same command to finish it")
         shard = data.load_torch_mmap(path)  # reads the shapes, not the data
         latent_shape = list(shard["mean"].shape[2:])
         total_bytes += sum(shard[k].numel() * shard[k].element_size() for k in ("mean", "std"))

@@ -18,26 +18,31 @@ sigma. Each experiment folder gets log.txt, metrics.jsonl (loss averaged over al
 steps/s, images/s, peak memory; FID with --eval-every) and, with --sample-every, PNG grids of
 EMA samples for fixed classes and noise.
 
-Checkpoints (results/NNN-MODEL/checkpoints/STEP.pt) hold {model, ema, opt, scaler, args,
-train_steps, epoch, batches_in_epoch}. `--resume auto` continues the latest checkpoint of the
-latest experiment folder of this --model (a fresh start if there is none), `--resume PATH` a
-given one; both continue with the same step count, data order and random draws, so the weights
-match an uninterrupted run exactly. The results folder must be shared by all machines.
+Checkpoints (results/NNN-MODEL/checkpoints/STEP.pt, format in checkpoint.py) record the model's
+constructor arguments, so `sample.py --ckpt STEP.pt` needs no other flag. `--resume auto`
+continues the latest readable checkpoint of the latest experiment folder of this --model (a
+fresh start if there is none), `--resume PATH` a given one; both continue with the same step
+count, data order and random draws, so the weights match an uninterrupted run exactly. A
+resume from a checkpoint that is not its folder's latest continues in a new experiment folder,
+so the later checkpoints and logs of the first run are kept. The results folder must be
+shared by all machines.
 
 Reproducibility: all randomness of a step (flips, latent draws, timesteps, noise, label
 dropout) is drawn for the whole global batch from a generator seeded by (--global-seed, step),
 and each process takes its own samples' share. Resuming therefore needs no saved RNG state,
 and a run on N processes matches a run on one process with the same --global-batch-size up to
-float rounding (so may a run resumed on another number of processes). The initial weights come from --global-seed alone; each process's global torch
-RNG is seeded with global_seed * world_size + rank as in the original.
+float rounding (so may a run resumed on another number of processes). The initial weights
+come from --global-seed alone; each process's global torch RNG is seeded with
+global_seed * world_size + rank as in the original.
 
 Unreadable image files are skipped with a warning naming them (see data.py). Training stops
-with a message when the loss becomes NaN or infinite; checkpoints are only written after the
-loss was checked, so the last one is good.
+with a message when the loss becomes NaN or infinite. Before a checkpoint is written, its
+weights are checked (finite, and a finite loss on the last batch), so the checkpoint that
+message names resumes cleanly.
 """
 import argparse
+import dataclasses
 import glob
-import json
 import logging
 import math
 import os
@@ -53,60 +58,52 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+import checkpoint
 import cli
 import data
 import distributed
 import files
+import metrics
 import vae as vae_lib
 from diffusion import create_diffusion
-from models import DiT_models, create_model, load_weights
+from models import describe_state_dict, load_weights, model_args_for
 
 
+# ------------------------------------------------------------------ flags
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-path", type=str, default=None, help="image folder, one sub-folder per class")
     parser.add_argument("--feature-path", type=str, default=None, help="features from extract_features.py instead")
     parser.add_argument("--results-dir", type=str, default="results")
-    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="256 or 512 with the VAE (any multiple of 8 works); in pixel space any multiple of the "
-                             "patch size (default 256, or the size the features were extracted at)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--vae", type=str, default=None, choices=["ema", "mse", "none"],
-                        help="Stable Diffusion VAE (default ema, or the one the features used); none = pixel space")
-    parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder")
-    parser.add_argument("--in-channels", type=int, choices=[1, 3], default=3,
-                        help="pixel space only: 3 = RGB, 1 = greyscale")
+    cli.add_model_flags(parser, training=True)
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (--no-hflip for data where a mirror image is another "
                              "thing, such as digits)")
-    parser.add_argument("--epochs", type=int, default=1400)
+    parser.add_argument("--epochs", type=cli.positive_int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--global-batch-size", type=cli.positive_int, default=256)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1): the EMA's weight on its past")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (off)")
-    parser.add_argument("--precision", choices=cli.PRECISIONS, default="tf32",
-                        help="fp32 | tf32 (TF32 matmuls on CUDA, as the original) | bf16 | fp16 (autocast)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="data-loading processes per rank (default 0 for data held in memory, else 4)")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--ckpt-every", type=int, default=50_000)
+    parser.add_argument("--log-every", type=cli.positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=cli.positive_int, default=50_000)
     parser.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint path, or auto")
     parser.add_argument("--sample-every", type=int, default=0,
                         help="save a grid of EMA samples (fixed classes and noise) every N steps (0: never)")
-    parser.add_argument("--num-sampling-steps", type=int, default=250, help="DDPM steps for grids and --eval-every")
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids")
+    cli.add_sampler_flags(parser, cfg_scale=4.0)  # for the sample grids and --eval-every
     parser.add_argument("--eval-every", type=int, default=0, help="log FID of EMA samples every N steps (0: never)")
     parser.add_argument("--eval-ref", type=str, default=None, help="reference batch .npz for --eval-every")
-    parser.add_argument("--eval-num-samples", type=int, default=1000)
-    parser.add_argument("--eval-cfg-scale", type=float, default=1.5)
-    parser.add_argument("--device", type=str, default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--eval-num-samples", type=cli.positive_int, default=1000)
+    parser.add_argument("--eval-cfg-scale", type=cli.finite_float, default=1.5)
+    metrics.add_logger_flag(parser)
+    cli.add_device_flags(parser, precision="tf32")
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
     return parser.parse_args(argv)
@@ -118,44 +115,66 @@ def resolve_args(args):
         raise cli.UserError("pass exactly one of --data-path (an image folder) or --feature-path (from "
                             "extract_features.py)")
     if args.feature_path:
-        meta = data.FeatureShards.read_meta(args.feature_path)
-        if args.vae == "none":
-            raise cli.UserError("--feature-path holds VAE latents; drop --vae none or train from --data-path")
-        for flag, key in (("image_size", "image_size"), ("vae", "vae"), ("vae_path", "vae_path")):
-            given = getattr(args, flag)
-            if given is not None and given != meta[key]:
-                raise cli.UserError(f"--{flag.replace('_', '-')} {given} differs from the {meta[key]} the features in "
-                                    f"{args.feature_path} were extracted with; drop the flag or re-extract")
-            setattr(args, flag, meta[key])
+        take_feature_settings(args)
     args.vae = args.vae or "ema"
     args.image_size = args.image_size or 256
-    patch = int(args.model.split("/")[-1])
+    patch = model_args_for(args.model)["patch_size"]
     if args.vae == "none":
         if args.vae_path:
             raise cli.UserError("--vae-path was given with --vae none (pixel space); drop one of them")
-        if args.image_size % patch:
-            raise cli.UserError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of "
-                                f"{args.model}; use a multiple of {patch}")
         args.input_size = args.image_size
     else:
         if args.image_size % vae_lib.DOWNSAMPLE:
             raise cli.UserError(f"--image-size {args.image_size} is not divisible by {vae_lib.DOWNSAMPLE} (the VAE's "
                                 f"downsampling factor); use 256 or 512")
         args.input_size = args.image_size // vae_lib.DOWNSAMPLE
-        if args.input_size % patch:
-            raise cli.UserError(f"--image-size {args.image_size} gives {args.input_size}x{args.input_size} latents, "
-                                f"not divisible by the patch size {patch}; use 256 or 512")
         args.in_channels = 4
-    positive = ["epochs", "global_batch_size", "log_every", "ckpt_every", "num_sampling_steps", "num_classes"]
-    for flag in positive:
-        if getattr(args, flag) < 1:
-            raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.max_steps is not None and args.max_steps < 0:
-        raise cli.UserError("--max-steps must be 0 or more")
-    if args.eval_every:
-        if not args.eval_ref or not os.path.isfile(args.eval_ref):
-            raise cli.UserError(f"--eval-every needs --eval-ref pointing at a reference .npz (got {args.eval_ref!r})")
+    if args.input_size % patch:
+        raise cli.UserError(f"--image-size {args.image_size} gives a {args.input_size}x{args.input_size} input, not "
+                            f"divisible by the patch size {patch} of {args.model}; use a multiple of {patch}")
+    check_numbers(args)
+    metrics.check_loggers(args.logger)
     return args
+
+
+def take_feature_settings(args):
+    """--image-size, --vae and --vae-path come from the features' metadata (or must agree with it)."""
+    meta = data.FeatureShards.read_meta(args.feature_path)
+    if args.vae == "none":
+        raise cli.UserError("--feature-path holds VAE latents; drop --vae none or train from --data-path")
+    for flag in ("image_size", "vae", "vae_path"):
+        given = getattr(args, flag)
+        if given is not None and given != meta[flag]:
+            raise cli.UserError(f"--{flag.replace('_', '-')} {given} differs from the {meta[flag]} the features in "
+                                f"{args.feature_path} were extracted with; drop the flag or re-extract")
+        setattr(args, flag, meta[flag])
+
+
+def check_numbers(args):
+    """Values outside a flag's range would train nonsense or fail late: one line each, now."""
+    rules = [("lr", args.lr > 0, "a positive number, e.g. 1e-4"),
+             ("weight-decay", args.weight_decay >= 0, "0 or more"),
+             ("ema-decay", 0 <= args.ema_decay < 1, "in [0, 1), e.g. 0.9999"),
+             ("max-grad-norm", args.max_grad_norm is None or args.max_grad_norm > 0, "a positive number"),
+             ("max-steps", args.max_steps is None or args.max_steps >= 0, "0 or more"),
+             ("keep-last", args.keep_last >= 0, "0 (keep all) or more"),
+             ("sample-every", args.sample_every >= 0, "0 (never) or more"),
+             ("eval-every", args.eval_every >= 0, "0 (never) or more")]
+    for flag, ok, wanted in rules:
+        value = getattr(args, flag.replace("-", "_"))
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise cli.UserError(f"--{flag} {value} is out of range: it must be {wanted}")
+    if args.eval_every and (not args.eval_ref or not os.path.isfile(args.eval_ref)):
+        raise cli.UserError(f"--eval-every needs --eval-ref pointing at a reference .npz (got {args.eval_ref!r})")
+    if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
+        raise cli.UserError(f"--results-dir {args.results_dir!r} is a file, not a folder; pass another path")
+
+
+def local_batch_size(global_batch_size, world_size):
+    if global_batch_size % world_size:
+        raise cli.UserError(f"--global-batch-size {global_batch_size} does not divide over {world_size} "
+                            f"processes; use a multiple of {world_size}")
+    return global_batch_size // world_size
 
 
 def step_seed(global_seed, step):
@@ -163,120 +182,82 @@ def step_seed(global_seed, step):
     return (global_seed % 2**31) * 2**32 + step
 
 
-def find_resume(args):
-    """(experiment_dir or None, checkpoint or None) for --resume; run on rank 0 only."""
-    if args.resume is None:
-        return None, None
-    if args.resume != "auto":
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(f"--resume {args.resume!r} does not exist; pass a checkpoint file or auto")
-        folder = os.path.dirname(os.path.abspath(args.resume))
-        in_experiment = os.path.basename(folder) == "checkpoints"
-        return (os.path.dirname(folder) if in_experiment else None), args.resume
-    for experiment in sorted(experiment_dirs(args), reverse=True):
-        ckpts = checkpoints_in(experiment)
-        if ckpts:
-            return experiment, ckpts[-1]
-    return None, None
-
-
+# ------------------------------------------------------------------ experiment folders
 def model_string(args):
     return args.model.replace("/", "-")
 
 
 def experiment_dirs(args):
-    pattern = re.compile(r"^\d{3,}-" + re.escape(model_string(args)) + "$")
+    """This model's experiment folders, oldest first (by number: 999 comes before 1000)."""
+    pattern = re.compile(r"^(\d{3,})-" + re.escape(model_string(args)) + "$")
     if not os.path.isdir(args.results_dir):
         return []
-    return [os.path.join(args.results_dir, d) for d in os.listdir(args.results_dir) if pattern.match(d)]
+    found = [(int(m.group(1)), d) for d in os.listdir(args.results_dir) if (m := pattern.match(d))]
+    return [os.path.join(args.results_dir, d) for _, d in sorted(found)]
 
 
 def checkpoints_in(experiment):
-    return sorted(glob.glob(os.path.join(experiment, "checkpoints", "[0-9]" * 7 + ".pt")))
+    return sorted(glob.glob(os.path.join(glob.escape(experiment), "checkpoints", "[0-9]" * 7 + ".pt")))
 
 
 def new_experiment_dir(args):
-    os.makedirs(args.results_dir, exist_ok=True)
-    used = [int(d.split("-")[0]) for d in os.listdir(args.results_dir) if re.match(r"^\d+-", d)]
-    path = os.path.join(args.results_dir, f"{max(used, default=-1) + 1:03d}-{model_string(args)}")
-    os.makedirs(path)
+    try:
+        os.makedirs(args.results_dir, exist_ok=True)
+        used = [int(d.split("-")[0]) for d in os.listdir(args.results_dir) if re.match(r"^\d+-", d)]
+        path = os.path.join(args.results_dir, f"{max(used, default=-1) + 1:03d}-{model_string(args)}")
+        os.makedirs(path)
+    except OSError as e:
+        raise cli.UserError(f"cannot create an experiment folder in --results-dir {args.results_dir!r} "
+                            f"({e.strerror or e}); pass a writable folder") from None
     return path
 
 
-def make_logger(experiment_dir, rank):
-    logger = logging.getLogger("dit.train")
-    logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(experiment_dir, "log.txt"))):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
+@dataclasses.dataclass
+class Resume:
+    """What --resume chose: a checkpoint (loaded) and the folder to continue in (None: a new one)."""
+    path: str = None
+    ckpt: dict = None
+    experiment_dir: str = None
+    note: str = ""
 
 
-def append_metrics(experiment_dir, record):
-    with open(os.path.join(experiment_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+def find_resume(args):
+    """The checkpoint to resume and where to continue; run on rank 0 only."""
+    if args.resume is None:
+        return Resume()
+    if args.resume == "auto":
+        return find_latest_readable(args)
+    if not os.path.isfile(args.resume):
+        raise cli.UserError(f"--resume {args.resume!r} does not exist; pass a checkpoint file or auto")
+    ckpt = checkpoint.load_train(args.resume)
+    folder = os.path.dirname(os.path.abspath(args.resume))
+    if os.path.basename(folder) != "checkpoints":
+        return Resume(args.resume, ckpt, None, "it is not in an experiment folder")
+    experiment = os.path.dirname(folder)
+    later = [p for p in checkpoints_in(experiment) if step_of(p) > ckpt["train_steps"]]
+    if later:  # continuing there would overwrite or prune the first run's later work
+        return Resume(args.resume, ckpt, None, f"{experiment} holds {len(later)} later checkpoint(s), kept as they are")
+    return Resume(args.resume, ckpt, experiment)
 
 
-def drop_metrics_after(experiment_dir, step):
-    """On resume: records a killed run logged past its last checkpoint would be repeated."""
-    path = os.path.join(experiment_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    def kept(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by the kill
-            return False
-
-    with open(path) as f:
-        lines = f.readlines()
-    keep = [line for line in lines if kept(line)]
-    if len(keep) != len(lines):
-        with files.atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.writelines(keep)
+def find_latest_readable(args):
+    """--resume auto: the newest checkpoint that loads, falling back past truncated ones."""
+    for experiment in reversed(experiment_dirs(args)):
+        skipped = []
+        for path in reversed(checkpoints_in(experiment)):
+            try:
+                ckpt = checkpoint.load_train(path)
+            except cli.UserError as e:
+                print(f"warning: skipping {path}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                skipped.append(path)
+                continue
+            note = f"newer checkpoint(s) could not be read: {', '.join(skipped)}" if skipped else ""
+            return Resume(path, ckpt, None if skipped else experiment, note)
+    return Resume()
 
 
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def generate(ema, sampler, noise, labels, cfg_scale, vae, precision, seed):
-    """uint8 (N, H, W, C) images from the EMA model (sampling.py's samplers), global RNG untouched."""
-    import sampling  # lazily: only runs that watch samples need it
-
-    with torch.random.fork_rng(devices=[noise.device] if noise.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = sampling.generate(ema, sampler, labels, cfg_scale, noise, precision=precision)
-    return cli.to_uint8(vae_lib.decode(vae, out) if vae is not None else out)
-
-
-def save_grid(images, path, image_size):
-    """A PNG grid of uint8 (N, H, W, C) images; tiny images are enlarged so they can be seen."""
-    import torchvision.utils
-    from PIL import Image
-
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    zoom = max(1, 64 // image_size)
-    x = x.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
-    grid = torchvision.utils.make_grid(x, nrow=min(8, len(x)), padding=2, pad_value=255)
-    files.save_image(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
-
-
-def main(argv=None):
-    args = resolve_args(parse_args(argv))
-    rank, world_size, device = distributed.setup(args.device)
-    try:
-        train(args, rank, world_size, device)
-    finally:
-        distributed.cleanup()
+def step_of(path):
+    return int(os.path.basename(path)[:7])
 
 
 def broadcast(value, world_size):
@@ -288,256 +269,453 @@ def broadcast(value, world_size):
     return value
 
 
-def local_batch_size(global_batch_size, world_size):
-    if global_batch_size % world_size:
-        raise cli.UserError(f"--global-batch-size {global_batch_size} does not divide over {world_size} "
-                            f"processes; use a multiple of {world_size}")
-    return global_batch_size // world_size
+def make_logger(experiment_dir, rank):
+    logger = logging.getLogger("dit.train")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        logger.setLevel(logging.INFO)
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        log_file = logging.FileHandler(os.path.join(experiment_dir, "log.txt"))
+        for handler in (logging.StreamHandler(sys.stdout), log_file):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
 
 
-def train(args, rank, world_size, device):
-    local_batch = local_batch_size(args.global_batch_size, world_size)
-    distributed.share_cpu_threads(device, args.cpu_threads)
-    cli.set_tf32(args.precision, device)
+# ------------------------------------------------------------------ setting up
+@dataclasses.dataclass
+class Run:
+    """Where this process stands: its place in the job, its folder and logs."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    local_batch: int
+    experiment_dir: str = None
+    logger: logging.Logger = None
+    metrics_log: metrics.MetricsLog = None
 
-    # Data.
+
+@dataclasses.dataclass
+class State:
+    """What a checkpoint saves and training changes."""
+    model: torch.nn.Module  # the bare model (the one trained is `trained`, maybe DDP- or compile-wrapped)
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    trained: torch.nn.Module = None
+    train_steps: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # in the current epoch
+    last_ckpt: str = None
+
+
+def build_data(run):
+    """(dataset, sampler, loader, steps_per_epoch); images or pre-extracted features."""
+    args = run.args
     if args.feature_path:
         dataset = data.FeatureShards(args.feature_path, args.num_classes)
         in_memory = len(dataset.shards) == 1
     else:
         channels = args.in_channels if args.vae == "none" else 3
-        dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes, quiet=rank != 0)
+        dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes, quiet=run.rank != 0)
         in_memory = dataset.images is not None
-    sampler = data.ResumableSampler(dataset, world_size, rank, seed=args.global_seed)
-    steps_per_epoch = sampler.num_samples // local_batch
+    sampler = data.ResumableSampler(dataset, run.world_size, run.rank, seed=args.global_seed)
+    steps_per_epoch = sampler.num_samples // run.local_batch
     if steps_per_epoch == 0:
         raise cli.UserError(f"the data set has {len(dataset)} images, fewer than one global batch of "
                             f"{args.global_batch_size}; lower --global-batch-size")
     num_workers = args.num_workers if args.num_workers is not None else (0 if in_memory else 4)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, collate_fn=data.batch_collate,
+    loader = DataLoader(dataset, batch_size=run.local_batch, sampler=sampler, num_workers=num_workers,
+                        pin_memory=run.device.type == "cuda", drop_last=True, collate_fn=data.batch_collate,
                         persistent_workers=num_workers > 0)
+    return dataset, sampler, loader, steps_per_epoch
 
-    # The checkpoint to resume and its experiment folder: decided once, on rank 0, for everyone.
-    experiment_dir, resume_path = broadcast(find_resume(args) if rank == 0 else None, world_size)
-    need_vae = args.vae != "none" and (not args.feature_path or (rank == 0 and args.sample_every) or args.eval_every)
-    vae = vae_lib.load_vae(args.vae, args.vae_path, device) if need_vae else None
 
-    # Model, EMA, optimiser: identical initial weights on every rank, whatever the world size.
+def build_state(run):
+    """Model, EMA, optimiser: identical initial weights on every rank, whatever the world size."""
+    args = run.args
     torch.manual_seed(args.global_seed)
-    model = create_model(args.model, input_size=args.input_size, in_channels=args.in_channels,
-                         num_classes=args.num_classes).to(device)
-    torch.manual_seed(args.global_seed * world_size + rank)
+    model_args = model_args_for(args.model, input_size=args.input_size, in_channels=args.in_channels,
+                                num_classes=args.num_classes)
+    model = checkpoint.build_model(model_args).to(run.device)
+    torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    train_steps, epoch, batches_done = 0, 0, 0
-    if resume_path:
-        ckpt = files.load_torch(resume_path, "--resume checkpoint")
-        if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "train_steps"} <= set(ckpt):
-            raise cli.UserError(f"--resume {resume_path!r} is not a train.py checkpoint (it lacks model, ema, opt or "
-                                f"train_steps); pass a checkpoint written by train.py")
-        load_weights(model, ckpt["model"], f"--resume {resume_path}")
-        load_weights(ema, ckpt["ema"], f"--resume {resume_path} (ema)")
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:  # the flags of this run win over the saved ones
-            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        train_steps, epoch, batches_done = ckpt["train_steps"], ckpt.get("epoch", 0), ckpt.get("batches_in_epoch", 0)
-        if batches_done >= steps_per_epoch:
-            epoch, batches_done = epoch + 1, 0
-        del ckpt
-    if experiment_dir is None:  # created only now, so bad input leaves no empty folder behind
-        experiment_dir = broadcast(new_experiment_dir(args) if rank == 0 else None, world_size)
-    checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
-    samples_dir = os.path.join(experiment_dir, "samples")
-    if rank == 0:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-    logger = make_logger(experiment_dir, rank)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
+    return State(model, ema, opt, scaler)
 
-    raw_model = model
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    model.train()
-    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 
-    diffusion = create_diffusion(timestep_respacing="")  # 1000-step linear schedule, learned sigma
-    if args.sample_every or args.eval_every:
-        import sampling
-        ddpm = sampling.make_sampler("ddpm", args.num_sampling_steps)
-    dropout = raw_model.y_embedder.dropout_prob
-    gen = torch.Generator(device=device)
-    B, sl = args.global_batch_size, slice(rank, None, world_size)
-    latent_shape = (4, args.input_size, args.input_size)
+def restore(state, ckpt, path, args, steps_per_epoch):
+    """Continue from a train.py checkpoint; this run's --lr and --weight-decay win over the saved ones."""
+    if ckpt["model_args"] != state.model.model_args:
+        raise cli.UserError(f"--resume {path} holds a model built with {describe_difference(ckpt, state.model)}; "
+                            f"pass the flags it was trained with")
+    load_weights(state.model, ckpt["model"], f"--resume {path}")
+    load_weights(state.ema, ckpt["ema"], f"--resume {path} (ema)")
+    state.opt.load_state_dict(ckpt["opt"])
+    for group in state.opt.param_groups:
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    if ckpt.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.train_steps, state.epoch = ckpt["train_steps"], ckpt.get("epoch", 0)
+    state.batches_done = ckpt.get("batches_in_epoch", 0)
+    if state.batches_done >= steps_per_epoch:
+        state.epoch, state.batches_done = state.epoch + 1, 0
+    state.last_ckpt = path
+
+
+def describe_difference(ckpt, model):
+    theirs, ours = ckpt["model_args"], model.model_args
+    if any(ckpt["model"][k].shape != v.shape for k, v in model.state_dict().items() if k in ckpt["model"]) or \
+            set(ckpt["model"]) != set(model.state_dict()):
+        return f"{describe_state_dict(ckpt['model'])}, but the model built is {describe_state_dict(model.state_dict())}"
+    changed = {k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+    return ", ".join(f"{k}={a!r} (this run: {b!r})" for k, (a, b) in sorted(changed.items()))
+
+
+def open_experiment(run, resume, state):
+    """Decide the experiment folder on rank 0 (created only now, so bad input leaves no empty
+    folder behind), clear temp files a killed save left, open the logs."""
+    args = run.args
+    if run.rank == 0:
+        folder = resume.experiment_dir or new_experiment_dir(args)
+        os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
+        # Where this run and the one it continues save: a kill during a save leaves a temp file there.
+        resumed_from = os.path.dirname(os.path.abspath(resume.path)) if resume.path else None
+        ours = {os.path.abspath(os.path.join(folder, "checkpoints")), resumed_from}
+        for checkpoints in (d for d in ours if d and os.path.basename(d) == "checkpoints"):
+            for path in files.remove_stale_temp_files(checkpoints):
+                print(f"removed {path}, left by a checkpoint save that was cut off", file=sys.stderr)
+    run.experiment_dir = broadcast(folder if run.rank == 0 else None, run.world_size)
+    run.logger = make_logger(run.experiment_dir, run.rank)
+    if run.rank == 0:
+        run.metrics_log = metrics.MetricsLog(run.experiment_dir, args.logger, run_name=os.path.basename(
+            run.experiment_dir), config=vars(args), wandb_project=args.wandb_project)
+        if resume.experiment_dir:  # the same run continues: drop what it logged past its checkpoint
+            run.metrics_log.truncate_after(state.train_steps)
+
+
+def log_start(run, state, dataset, steps_per_epoch, resume):
+    args, logger = run.args, run.logger
+    logger.info(f"Experiment directory: {run.experiment_dir}")
+    logger.info(f"{args.model}: {sum(p.numel() for p in state.model.parameters()):,} parameters; input "
+                f"{args.input_size}x{args.input_size}x{args.in_channels}; "
+                + (f"VAE {vae_lib.vae_source(args.vae, args.vae_path)}" if args.vae != "none" else "pixel space"))
+    logger.info(f"Data: {len(dataset):,} images from {args.feature_path or args.data_path} "
+                f"({'pre-extracted latents' if args.feature_path else 'images'}); {steps_per_epoch} steps per "
+                f"epoch; global batch {args.global_batch_size} on {run.world_size} process(es) ({run.device.type})")
+    if resume.path:
+        where = "" if resume.experiment_dir else f", continuing in a new folder because {resume.note}"
+        logger.info(f"Resumed from {resume.path} at step {state.train_steps} (epoch {state.epoch}, batch "
+                    f"{state.batches_done}){where}")
+
+
+# ------------------------------------------------------------------ one step
+def step_randomness(run, step, dropout, x_shape):
+    """Every random draw of a step, made for the whole global batch from the step's seed, then
+    sliced to this process's share: see the docstring."""
+    args, device = run.args, run.device
+    B, mine = args.global_batch_size, slice(run.rank, None, run.world_size)
+    gen = torch.Generator(device=device).manual_seed(step_seed(args.global_seed, step))
+    flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[mine]
+    drop = (torch.rand(B, generator=gen, device=device) < dropout)[mine].long()
+    t = torch.randint(0, DIFFUSION_STEPS, (B,), generator=gen, device=device)[mine]
+    latent_noise = torch.randn((B, 4, args.input_size, args.input_size), generator=gen, device=device)[mine]
+    noise = torch.randn((B, *x_shape), generator=gen, device=device)[mine]
+    return flip, drop, t, latent_noise, noise
+
+
+@torch.no_grad()
+def model_input(run, batch, flip, latent_noise, vae):
+    """(x, y): the batch as the model's input (latents or pixels in [-1, 1]) and its labels."""
+    device = run.device
+    if run.args.feature_path:
+        mean, std, y = (v.to(device, non_blocking=True) for v in batch)
+        pick = torch.arange(len(y), device=device), flip.long()
+        return vae_lib.sample_latents(mean[pick].float(), std[pick].float(), noise=latent_noise), y
+    images, y = (v.to(device, non_blocking=True) for v in batch)
+    x = images.float() / 127.5 - 1
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if vae is not None:
+        mean, std = vae_lib.encode_distribution(vae, x)
+        x = vae_lib.sample_latents(mean, std, noise=latent_noise)
+    return x, y
+
+
+def train_step(run, state, diffusion, inputs):
+    """Forward, backward, optimiser and EMA update; returns the loss (a tensor: no host sync)."""
+    args = run.args
+    x, t, kwargs, noise = inputs
+    with cli.autocast(args.precision, run.device):
+        loss = diffusion.training_losses(state.trained, x, t, kwargs, noise=noise)["loss"].mean()
+    state.scaler.scale(loss).backward()
+    if args.max_grad_norm:
+        state.scaler.unscale_(state.opt)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.max_grad_norm)
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    state.opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_lerp_(list(state.ema.parameters()), list(state.model.parameters()), 1 - args.ema_decay)
+    return loss.detach()
+
+
+# ------------------------------------------------------------------ logging and checkpoints
+@dataclasses.dataclass
+class Window:
+    """The losses since the last log line, kept on the device."""
+    loss_sum: torch.Tensor
+    bad_steps: torch.Tensor
+    steps: int = 0
+    start: float = dataclasses.field(default_factory=time.time)
+
+    @classmethod
+    def new(cls, device):
+        return cls(torch.zeros((), device=device, dtype=torch.float64),
+                   torch.zeros((), device=device, dtype=torch.long))
+
+    def add(self, loss):
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.double(), 0.0)
+        self.bad_steps += (~finite).long()
+        self.steps += 1
+
+
+def check_window(run, state, window):
+    """The window's loss averaged over ranks; stops on NaN/inf (fp16: only when every step overflowed)."""
+    loss = distributed.mean_over_ranks(window.loss_sum.item() / max(1, window.steps - window.bad_steps.item()),
+                                       run.device)
+    bad = distributed.mean_over_ranks(window.bad_steps.item(), run.device)
+    if (bad > 0 and run.args.precision != "fp16") or (window.steps and bad >= window.steps) or not math.isfinite(loss):
+        raise_diverged(run, state)
+    return loss
+
+
+def raise_diverged(run, state):
+    raise cli.UserError(f"the loss became NaN or infinite by step {state.train_steps}; stopping. The last good "
+                        f"checkpoint is {state.last_ckpt or 'none (none was written yet)'}; resume from it with a "
+                        f"lower --lr, --max-grad-norm 1.0, or --precision bf16 instead of fp16")
+
+
+def log_window(run, state, window):
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    elapsed = time.time() - window.start
+    record = {"step": state.train_steps, "epoch": state.epoch, "loss": check_window(run, state, window),
+              "steps_per_sec": window.steps / elapsed, "images_per_sec": window.steps * run.args.global_batch_size
+              / elapsed, "peak_mem_gib": peak_memory_gib(run.device), "lr": state.opt.param_groups[0]["lr"]}
+    if run.args.precision == "fp16":
+        record["skipped_steps"] = int(distributed.mean_over_ranks(window.bad_steps.item(), run.device) * run.world_size)
+    if run.rank == 0:
+        run.logger.info(f"(step={state.train_steps:07d}) Train Loss: {record['loss']:.4f}, Train Steps/Sec: "
+                        f"{record['steps_per_sec']:.2f}, Images/Sec: {record['images_per_sec']:.1f}, "
+                        f"Peak Mem: {record['peak_mem_gib']:.2f} GiB")
+        run.metrics_log.log(record)
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@torch.no_grad()
+def weights_usable(run, state, diffusion, inputs):
+    """Whether the weights about to be saved are finite and give a finite loss on the last batch
+    on every rank: the loss already checked was computed before the last update."""
+    x, t, kwargs, noise = inputs
+    ok = all(torch.isfinite(p).all() for p in (*state.model.parameters(), *state.ema.parameters()))
+    if ok:
+        with cli.autocast(run.args.precision, run.device):
+            loss = diffusion.training_losses(state.model, x, t, kwargs, noise=noise)["loss"].mean()
+        ok = bool(torch.isfinite(loss))
+    return distributed.mean_over_ranks(float(ok), run.device) == 1.0
+
+
+def save_checkpoint(run, state, steps_per_epoch):
+    path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt")
+    if run.rank == 0:
+        progress = {"train_steps": state.train_steps, "epoch": state.epoch, "batches_in_epoch": state.batches_done,
+                    "world_size": run.world_size}
+        checkpoint.save(checkpoint.train_state(state.model, state.ema, state.opt, state.scaler, run.args,
+                                               checkpoint.DEFAULT_DIFFUSION_ARGS, progress), path)
+        run.logger.info(f"Saved checkpoint to {path}")
+        if run.args.keep_last > 0:  # only this run's folder: a resume from an earlier step gets a new one
+            for old in checkpoints_in(run.experiment_dir)[:-run.args.keep_last]:
+                os.remove(old)
+    state.last_ckpt = path
+    distributed.barrier()
+
+
+# ------------------------------------------------------------------ watching samples
+def generate(run, ema, sampler, noise, labels, cfg_scale, vae, seed):
+    """uint8 (N, H, W, C) images from the EMA model (sampling.py's samplers), global RNG untouched."""
+    import sampling  # lazily: only runs that watch samples need it
+
+    with torch.random.fork_rng(devices=[noise.device] if noise.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = sampling.generate(ema, sampler, labels, cfg_scale, noise, precision=run.args.precision,
+                                guide_all_channels=run.args.cfg_all_channels)
+    return cli.to_uint8(vae_lib.decode(vae, out) if vae is not None else out)
+
+
+def save_grid(images, path, image_size):
+    """A PNG grid of uint8 (N, H, W, C) images, returned as an array; tiny images are enlarged."""
+    import torchvision.utils
+    from PIL import Image
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    zoom = max(1, 64 // image_size)
+    x = x.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
+    grid = torchvision.utils.make_grid(x, nrow=min(8, len(x)), padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    files.save_image(Image.fromarray(grid), path)
+    return grid
+
+
+def sample_grid(run, state, sampler, vae):
+    """Eight EMA samples of spread-out classes from fixed noise, as a PNG (rank 0)."""
+    args, n = run.args, 8
+    labels = torch.tensor([i * args.num_classes // n for i in range(n)], device=run.device)
     x_shape = (args.in_channels, args.input_size, args.input_size)
+    noise = torch.randn((n, *x_shape), generator=torch.Generator().manual_seed(args.global_seed)).to(run.device)
+    images = generate(run, state.ema, sampler, noise, labels, args.cfg_scale, vae, seed=args.global_seed)
+    path = os.path.join(run.experiment_dir, "samples", f"{state.train_steps:07d}.png")
+    run.metrics_log.image(state.train_steps, "samples", save_grid(images, path, args.image_size))
+    run.logger.info(f"Saved EMA samples to {path}")
 
-    if rank == 0:
-        if resume_path:
-            drop_metrics_after(experiment_dir, train_steps)
-        logger.info(f"Experiment directory: {experiment_dir}")
-        logger.info(f"{args.model}: {sum(p.numel() for p in raw_model.parameters()):,} parameters; input "
-                    f"{args.input_size}x{args.input_size}x{args.in_channels}; "
-                    + (f"VAE {vae_lib.vae_source(args.vae, args.vae_path)}" if args.vae != "none" else "pixel space"))
-        logger.info(f"Data: {len(dataset):,} images from {args.feature_path or args.data_path} "
-                    f"({'pre-extracted latents' if args.feature_path else 'images'}); {steps_per_epoch} steps per "
-                    f"epoch; global batch {B} on {world_size} process(es) ({device.type})")
-        if resume_path:
-            logger.info(f"Resumed from {resume_path} at step {train_steps} (epoch {epoch}, batch {batches_done})")
-    last_ckpt = resume_path
 
-    def window_check(running_loss, bad_steps, log_steps):
-        """All-reduce the window's loss; stop on NaN/inf (fp16: only when every step overflowed)."""
-        loss = distributed.mean_over_ranks(running_loss / max(1, log_steps - bad_steps.item()), device)
-        bad = distributed.mean_over_ranks(bad_steps.item(), device)
-        if (bad > 0 and args.precision != "fp16") or (log_steps and bad >= log_steps) or not math.isfinite(loss):
-            raise RuntimeError(f"the loss became NaN or infinite by step {train_steps}; stopping. The last good "
-                               f"checkpoint is {last_ckpt or 'none (none was written yet)'}; resume from it with a "
-                               f"lower --lr, --max-grad-norm 1.0, or --precision bf16 instead of fp16")
-        return loss
+def evaluate_fid(run, state, sampler, vae):
+    """FID of --eval-num-samples EMA samples, split over the ranks, logged by rank 0."""
+    import evaluate  # lazily: only runs that ask for FID need its dependencies
 
-    def save_checkpoint():
-        nonlocal last_ckpt
-        path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
-        if rank == 0:
-            files.save_torch({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                              "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args),
-                              "train_steps": train_steps, "epoch": epoch, "batches_in_epoch": batches_done,
-                              "world_size": world_size}, path)
-            logger.info(f"Saved checkpoint to {path}")
-            if args.keep_last > 0:
-                for old in checkpoints_in(experiment_dir)[:-args.keep_last]:
-                    os.remove(old)
-        last_ckpt = path
-        distributed.barrier()
-
-    def monitor():
-        if args.sample_every and train_steps % args.sample_every == 0 and rank == 0:
-            n = 8
-            labels = torch.tensor([i * args.num_classes // n for i in range(n)], device=device)
-            noise = torch.randn((n, *x_shape), generator=torch.Generator().manual_seed(args.global_seed)).to(device)
-            images = generate(ema, ddpm, noise, labels, args.cfg_scale, vae, args.precision, seed=args.global_seed)
-            path = os.path.join(samples_dir, f"{train_steps:07d}.png")
-            save_grid(images, path, args.image_size)
-            logger.info(f"Saved EMA samples to {path}")
-        if args.eval_every and train_steps % args.eval_every == 0:
-            evaluate_fid()
-
-    def evaluate_fid():
-        import evaluate  # lazily: only runs that ask for FID need its dependencies
-
-        per_rank = math.ceil(args.eval_num_samples / world_size)
-        g = torch.Generator().manual_seed(step_seed(args.global_seed + 1, rank))
-        chunks = []
-        for start in range(0, per_rank, local_batch):
-            n = min(local_batch, per_rank - start)
-            noise = torch.randn((n, *x_shape), generator=g).to(device)
-            labels = torch.randint(0, args.num_classes, (n,), generator=g).to(device)
-            chunks.append(generate(ema, ddpm, noise, labels, args.eval_cfg_scale, vae, args.precision,
-                                   seed=step_seed(args.global_seed + 2, rank * 100_003 + start)))
-        gathered = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(gathered, chunks)
+    args = run.args
+    per_rank = math.ceil(args.eval_num_samples / run.world_size)
+    g = torch.Generator().manual_seed(step_seed(args.global_seed + 1, run.rank))
+    chunks = []
+    for start in range(0, per_rank, run.local_batch):
+        n = min(run.local_batch, per_rank - start)
+        noise = torch.randn((n, args.in_channels, args.input_size, args.input_size), generator=g).to(run.device)
+        labels = torch.randint(0, args.num_classes, (n,), generator=g).to(run.device)
+        chunks.append(generate(run, state.ema, sampler, noise, labels, args.eval_cfg_scale, vae,
+                               seed=step_seed(args.global_seed + 2, run.rank * 100_003 + start)))
+    gathered = [chunks]
+    if run.world_size > 1:
+        gathered = [None] * run.world_size
+        dist.all_gather_object(gathered, chunks)
+    if run.rank == 0:
+        samples = np.concatenate([c for rank_chunks in gathered for c in rank_chunks])[: args.eval_num_samples]
+        try:
+            result = evaluate.compute_metrics(args.eval_ref, samples, device=run.device, batch_size=run.local_batch,
+                                              metrics=("fid",))
+        except (ValueError, RuntimeError, OSError) as e:  # a failed measurement must not end the training
+            run.logger.info(f"(step={state.train_steps:07d}) FID evaluation failed: {str(e).splitlines()[0]}")
         else:
-            gathered = [chunks]
-        if rank == 0:
-            samples = np.concatenate([c for chunks_ in gathered for c in chunks_])[: args.eval_num_samples]
-            try:
-                result = evaluate.compute_metrics(args.eval_ref, samples, device=device, batch_size=local_batch,
-                                                  metrics=("fid",))
-            except (ValueError, RuntimeError, OSError) as e:  # a failed measurement must not end the training
-                logger.info(f"(step={train_steps:07d}) FID evaluation failed: {str(e).splitlines()[0]}")
-            else:
-                logger.info(f"(step={train_steps:07d}) FID of {len(samples)} EMA samples: {result['fid']:.4f}")
-                append_metrics(experiment_dir, {"step": train_steps, "fid": float(result["fid"]),
-                                                "eval_num_samples": len(samples), "cfg_scale": args.eval_cfg_scale})
-        distributed.barrier()
+            run.logger.info(f"(step={state.train_steps:07d}) FID of {len(samples)} EMA samples: {result['fid']:.4f}")
+            run.metrics_log.log({"step": state.train_steps, "fid": float(result["fid"]),
+                                 "eval_num_samples": len(samples), "cfg_scale": args.eval_cfg_scale})
+    distributed.barrier()
 
+
+# ------------------------------------------------------------------ the run
+DIFFUSION_STEPS = checkpoint.DEFAULT_DIFFUSION_ARGS["diffusion_steps"]
+
+
+def main(argv=None):
+    args = resolve_args(parse_args(argv))
+    rank, world_size, device = distributed.setup(args.device)
+    try:
+        train(Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size)))
+    finally:
+        distributed.cleanup()
+
+
+def train(run):
+    args = run.args
+    distributed.share_cpu_threads(run.device, args.cpu_threads)
+    cli.set_tf32(args.precision, run.device)
+    dataset, sampler, loader, steps_per_epoch = build_data(run)
+    resume = start_resume(run)
+    need_vae = args.vae != "none" and (not args.feature_path or (run.rank == 0 and args.sample_every)
+                                       or args.eval_every)
+    vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
+    state = build_state(run)
+    if resume.path:
+        restore(state, resume.ckpt, resume.path, args, steps_per_epoch)
+        resume.ckpt = None  # free the loaded copy
+    open_experiment(run, resume, state)
+    state.trained = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
+        if run.world_size > 1 else state.model
+    if args.compile:
+        state.trained = torch.compile(state.trained)
+    state.trained.train()
+    if run.rank == 0:
+        log_start(run, state, dataset, steps_per_epoch, resume)
+    try:
+        train_loop(run, state, loader, sampler, steps_per_epoch, vae)
+    finally:
+        if run.metrics_log is not None:
+            run.metrics_log.close()
+    run.logger.info("Done!")
+
+
+def start_resume(run):
+    """Rank 0 picks the checkpoint and folder; the others load the same checkpoint."""
+    resume = find_resume(run.args) if run.rank == 0 else Resume()
+    path, folder, note = broadcast((resume.path, resume.experiment_dir, resume.note), run.world_size)
+    if run.rank != 0 and path:
+        resume = Resume(path, checkpoint.load_train(path), folder, note)
+    return resume
+
+
+def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
+    import sampling  # for the sampler of grids and --eval-every
+
+    args = run.args
+    diffusion = create_diffusion(timestep_respacing="", **checkpoint.DEFAULT_DIFFUSION_ARGS)
+    watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps) \
+        if args.sample_every or args.eval_every else None
+    dropout = state.model.y_embedder.dropout_prob
+    x_shape = (args.in_channels, args.input_size, args.input_size)
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    logger.info(f"Training for {max_steps} steps ({args.epochs} epochs at most)...")
-    running_loss = torch.zeros((), device=device, dtype=torch.float64)
-    bad_steps = torch.zeros((), device=device, dtype=torch.long)
-    log_steps, start_time = 0, time.time()
-    while epoch < args.epochs and train_steps < max_steps:
-        sampler.set_epoch(epoch, skip=batches_done * local_batch)
+    run.logger.info(f"Training for {max_steps} steps ({args.epochs} epochs at most)...")
+    window, inputs = Window.new(run.device), None
+    while state.epoch < args.epochs and state.train_steps < max_steps:
+        sampler.set_epoch(state.epoch, skip=state.batches_done * run.local_batch)
         for batch in loader:
-            # Every random draw is made for the whole global batch, then sliced: see the docstring.
-            gen.manual_seed(step_seed(args.global_seed, train_steps))
-            flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[sl]
-            drop = (torch.rand(B, generator=gen, device=device) < dropout)[sl].long()
-            t = torch.randint(0, diffusion.num_timesteps, (B,), generator=gen, device=device)[sl]
-            latent_noise = torch.randn((B, *latent_shape), generator=gen, device=device)[sl]
-            noise = torch.randn((B, *x_shape), generator=gen, device=device)[sl]
-            with torch.no_grad():
-                if args.feature_path:
-                    mean, std, y = (v.to(device, non_blocking=True) for v in batch)
-                    pick = torch.arange(len(y), device=device), flip.long()
-                    x = vae_lib.sample_latents(mean[pick].float(), std[pick].float(), noise=latent_noise)
-                else:
-                    images, y = (v.to(device, non_blocking=True) for v in batch)
-                    x = images.float() / 127.5 - 1
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                    if vae is not None:
-                        mean, std = vae_lib.encode_distribution(vae, x)
-                        x = vae_lib.sample_latents(mean, std, noise=latent_noise)
-            kwargs = dict(y=y, force_drop_ids=drop) if dropout > 0 else dict(y=y)
-            with cli.autocast(args.precision, device):
-                loss = diffusion.training_losses(model, x, t, kwargs, noise=noise)["loss"].mean()
-            scaler.scale(loss).backward()
-            if args.max_grad_norm:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, model_params, 1 - args.ema_decay)
+            flip, drop, t, latent_noise, noise = step_randomness(run, state.train_steps, dropout, x_shape)
+            x, y = model_input(run, batch, flip, latent_noise, vae)
+            inputs = (x, t, dict(y=y, force_drop_ids=drop) if dropout > 0 else dict(y=y), noise)
+            window.add(train_step(run, state, diffusion, inputs))
+            state.train_steps += 1
+            state.batches_done += 1
+            if state.train_steps % args.log_every == 0:
+                log_window(run, state, window)
+                window = Window.new(run.device)
+            if state.train_steps % args.ckpt_every == 0 or state.train_steps >= max_steps:
+                checked_save(run, state, diffusion, inputs, window, steps_per_epoch)
+            if args.sample_every and state.train_steps % args.sample_every == 0 and run.rank == 0:
+                sample_grid(run, state, watcher, vae)
+            if args.eval_every and state.train_steps % args.eval_every == 0:
+                evaluate_fid(run, state, watcher, vae)
+            if state.train_steps >= max_steps:
+                return
+        state.epoch, state.batches_done = state.epoch + 1, 0
+    if inputs is not None and not (state.last_ckpt or "").endswith(f"{state.train_steps:07d}.pt"):
+        checked_save(run, state, diffusion, inputs, window, steps_per_epoch)
 
-            finite = torch.isfinite(loss.detach())
-            running_loss += torch.where(finite, loss.detach().double(), 0.0)
-            bad_steps += (~finite).long()
-            log_steps += 1
-            train_steps += 1
-            batches_done += 1
-            if train_steps % args.log_every == 0:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.time() - start_time
-                avg_loss = window_check(running_loss, bad_steps, log_steps)
-                record = {"step": train_steps, "epoch": epoch, "loss": avg_loss,
-                          "steps_per_sec": log_steps / elapsed, "images_per_sec": log_steps * B / elapsed,
-                          "peak_mem_gib": peak_memory_gib(device), "lr": opt.param_groups[0]["lr"]}
-                if args.precision == "fp16":
-                    record["skipped_steps"] = int(distributed.mean_over_ranks(bad_steps.item(), device) * world_size)
-                if rank == 0:
-                    logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: "
-                                f"{record['steps_per_sec']:.2f}, Images/Sec: {record['images_per_sec']:.1f}, "
-                                f"Peak Mem: {record['peak_mem_gib']:.2f} GiB")
-                    append_metrics(experiment_dir, record)
-                running_loss.zero_()
-                bad_steps.zero_()
-                log_steps, start_time = 0, time.time()
-            final = train_steps >= max_steps
-            if train_steps % args.ckpt_every == 0 or final:
-                if log_steps:
-                    window_check(running_loss, bad_steps, log_steps)
-                save_checkpoint()
-            if args.sample_every or args.eval_every:
-                monitor()
-            if final:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-            continue
-        break
-    if last_ckpt is None or not last_ckpt.endswith(f"{train_steps:07d}.pt"):
-        if log_steps:
-            window_check(running_loss, bad_steps, log_steps)
-        save_checkpoint()
-    logger.info("Done!")
+
+def checked_save(run, state, diffusion, inputs, window, steps_per_epoch):
+    """Save only weights that are good: the window's losses finite, the new weights usable."""
+    if window.steps:
+        check_window(run, state, window)
+    if not weights_usable(run, state, diffusion, inputs):
+        raise_diverged(run, state)
+    save_checkpoint(run, state, steps_per_epoch)
 
 
 if __name__ == "__main__":

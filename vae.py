@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from cli import UserError
+
 LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
 DOWNSAMPLE = 8  # image size / latent size
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -21,10 +23,8 @@ def vae_source(vae, vae_path=None):
         return vae_path
     if vae in HUB_IDS:
         return HUB_IDS[vae]
-    if vae and os.path.isdir(vae):
-        return vae
-    raise ValueError(f"--vae {vae!r} is not one of {', '.join(HUB_IDS)} (or none, where pixel space is "
-                     f"supported) nor a local diffusers folder")
+    raise UserError(f"--vae {vae!r} is not one of {', '.join(HUB_IDS)} (or none, where pixel space is "
+                    f"supported); pass a local diffusers folder with --vae-path")
 
 
 def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32):
@@ -36,7 +36,7 @@ def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32):
         model = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
     except Exception as e:  # offline, missing files, bad config: huggingface_hub and diffusers raise many kinds
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RuntimeError(f"could not load the VAE {source!r} ({reason}); connect to the internet once so it is "
+        raise UserError(f"could not load the VAE {source!r} ({reason}); connect to the internet once so it is "
                            f"cached, or pass --vae-path to a local diffusers AutoencoderKL folder") from None
     return model.to(device).eval().requires_grad_(False)
 

@@ -1,7 +1,29 @@
-"""Gaussian likelihood helpers used by the variational-bound terms."""
+"""Helpers for the diffusion process: per-device copies of its tables, and the Gaussian
+likelihoods used by the variational-bound terms."""
 import math
 
 import torch
+
+_CPU = torch.device("cpu")
+
+
+class DeviceCopies:
+    """Named CPU tensors, copied to each device once, on first use there.
+
+    Lookups then index tensors already on the indices' device: no host round trip, which on a
+    GPU would stall the host at every training or sampling step.
+    """
+
+    def __init__(self, **tensors):
+        self._by_device = {_CPU: tensors}
+
+    def get(self, name, device):
+        """The tensor `name` on `device`."""
+        copies = self._by_device.get(device)
+        if copies is None:
+            copies = {key: value.to(device) for key, value in self._by_device[_CPU].items()}
+            self._by_device[device] = copies
+        return copies[name]
 
 
 def mean_flat(x):
@@ -10,9 +32,7 @@ def mean_flat(x):
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise; scalars broadcast."""
-    ref = next(x for x in (mean1, logvar1, mean2, logvar2) if isinstance(x, torch.Tensor))
-    logvar1, logvar2 = (x if isinstance(x, torch.Tensor) else torch.tensor(x).to(ref) for x in (logvar1, logvar2))
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 

@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+from .diffusion_utils import DeviceCopies
 from .gaussian_diffusion import GaussianDiffusion
 
 RESPACING_FORMS = ('"" (all steps), "N" (N evenly spaced steps, e.g. "250"), "ddimN" (N steps with an '
@@ -65,11 +66,12 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self._original_timesteps = DeviceCopies(timestep_map=torch.tensor(self.timestep_map, dtype=torch.long))
 
     def _wrap(self, model):
         if isinstance(model, _OriginalTimesteps):
             return model
-        return _OriginalTimesteps(model, self.timestep_map)
+        return _OriginalTimesteps(model, self._original_timesteps)
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap(model), *args, **kwargs)
@@ -81,13 +83,14 @@ class SpacedDiffusion(GaussianDiffusion):
 class _OriginalTimesteps:
     """Calls the model with original timestep indices instead of respaced ones."""
 
-    def __init__(self, model, timestep_map):
+    def __init__(self, model, original_timesteps):
         self.model = model
-        self.timestep_map = timestep_map
+        self.original_timesteps = original_timesteps  # DeviceCopies holding "timestep_map"
 
     def __call__(self, x, ts, **kwargs):
-        table = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        return self.model(x, table[ts], **kwargs)
+        # Gathered on ts's device from a copy made once per device: no host round trip per call.
+        original = self.original_timesteps.get("timestep_map", ts.device)[ts].to(ts.dtype)
+        return self.model(x, original, **kwargs)
 
     def parameters(self):
         return self.model.parameters()

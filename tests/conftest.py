@@ -1,15 +1,24 @@
-"""Shared test setup: import the project from the repository root, keep CPU threads modest."""
+"""Shared test setup and helpers: import the project from the repository root, keep CPU threads
+modest, golden-file tolerances, and running train.py on a tiny model in pixel space."""
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import cli  # noqa: E402  (after the path is set)
+import tiny_dit  # noqa: E402
+import train  # noqa: E402
 
 
 @pytest.fixture
@@ -17,3 +26,66 @@ def golden():
     def load(name):
         return torch.load(GOLDEN / name, weights_only=True)
     return load
+
+
+def assert_close_to_golden(actual, expected):
+    """Match a float32 reference tensor as tests/golden/README.md asks: rtol 1e-4, and an absolute
+    tolerance scaled by the reference's magnitude, since float32 rounding differs between CPUs."""
+    atol = 1e-5 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
+
+
+# ------------------------------------------------------------------ train.py runs (test_train, test_extract_features)
+tiny_dit.register()
+MODEL = tiny_dit.TINY_MODEL
+EXPERIMENT = "000-" + MODEL.replace("/", "-")
+STEPS = 8  # 24 images, batch 8: three steps an epoch, so the checkpoint at 4 sits mid-epoch
+
+
+def pixel_args(data_path, results_dir, *extra):
+    return ["--model", MODEL, "--vae", "none", "--in-channels", "1", "--image-size", "8", "--num-classes", "3",
+            "--data-path", str(data_path), "--results-dir", str(results_dir), "--global-batch-size", "8",
+            "--log-every", "1", "--ckpt-every", "4", "--cpu-threads", "1", *map(str, extra)]
+
+
+def write_images(folder, per_class=8, classes=3, size=8, mode="L", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    for c in range(classes):
+        os.makedirs(folder / f"class{c}", exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"class{c}" / f"{i}.png")
+    return folder
+
+
+def subprocess_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def torchrun(*args, env=None, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "tests/tiny_dit.py", *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def run_main(argv, capsys=None):
+    """train.main in this process, through cli.run as the command line does; returns stderr on failure."""
+    try:
+        cli.run(lambda: train.main(list(map(str, argv))))
+    except SystemExit as e:
+        assert e.code == 2
+        return capsys.readouterr().err if capsys else "failed"
+    return None
+
+
+def checkpoint(results_dir, step):
+    return torch.load(os.path.join(results_dir, EXPERIMENT, "checkpoints", f"{step:07d}.pt"), weights_only=True)
+
+
+def metrics(results_dir):
+    with open(os.path.join(results_dir, EXPERIMENT, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+

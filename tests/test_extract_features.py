@@ -19,7 +19,7 @@ import data
 import extract_features
 import tiny_vae
 import vae as vae_lib
-from test_train import MODEL, checkpoint, metrics, run_main, torchrun, write_images
+from conftest import MODEL, checkpoint, metrics, run_main, torchrun, write_images
 
 IMAGES = 12  # 3 classes x 4 images of 32x32 -> 4x4x4 latents; shards of 5 -> 5, 5, 2
 

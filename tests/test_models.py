@@ -4,10 +4,8 @@ import json
 import pytest
 import torch
 
-from conftest import GOLDEN
+from conftest import GOLDEN, assert_close_to_golden
 from models import DiT, DiT_models, create_model, describe_state_dict, load_weights
-
-ATOL, RTOL = 1e-5, 1e-4
 
 
 def _golden_model(golden, name):
@@ -21,15 +19,15 @@ def _golden_model(golden, name):
 def test_forward_matches_reference(golden, name):
     model, g = _golden_model(golden, name)
     with torch.no_grad():
-        torch.testing.assert_close(model(g["x"], g["t"], g["y"]), g["out"], atol=ATOL, rtol=RTOL)
+        assert_close_to_golden(model(g["x"], g["t"], g["y"]), g["out"])
         cfg = model.forward_with_cfg(g["cfg_x"], g["cfg_t"], g["cfg_y"], g["cfg_scale"])
-    torch.testing.assert_close(cfg, g["cfg_out"], atol=ATOL, rtol=RTOL)
+    assert_close_to_golden(cfg, g["cfg_out"])
 
 
 @pytest.mark.parametrize("name", ["model_p2_sigma.pt", "model_p4_nosigma.pt"])
 def test_fixed_positions_match_reference(golden, name):
     g = golden(name)
-    torch.testing.assert_close(DiT(**g["config"]).pos_embed, g["state_dict"]["pos_embed"], atol=1e-6, rtol=0)
+    assert_close_to_golden(DiT(**g["config"]).pos_embed, g["state_dict"]["pos_embed"])
 
 
 def test_all_configs_names_shapes_counts():

@@ -17,61 +17,9 @@ from PIL import Image
 
 import cli
 import data
-import tiny_dit
 import train
-from conftest import ROOT
-
-tiny_dit.register()
-MODEL = tiny_dit.TINY_MODEL
-EXPERIMENT = "000-" + MODEL.replace("/", "-")
-STEPS = 8  # 24 images, batch 8: three steps an epoch, so the checkpoint at 4 sits mid-epoch
-
-
-def pixel_args(data_path, results_dir, *extra):
-    return ["--model", MODEL, "--vae", "none", "--in-channels", "1", "--image-size", "8", "--num-classes", "3",
-            "--data-path", str(data_path), "--results-dir", str(results_dir), "--global-batch-size", "8",
-            "--log-every", "1", "--ckpt-every", "4", "--cpu-threads", "1", *map(str, extra)]
-
-
-def write_images(folder, per_class=8, classes=3, size=8, mode="L", seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    for c in range(classes):
-        os.makedirs(folder / f"class{c}", exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"class{c}" / f"{i}.png")
-    return folder
-
-
-def subprocess_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def torchrun(*args, env=None, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "tests/tiny_dit.py", *map(str, args)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def run_main(argv, capsys=None):
-    """train.main in this process, through cli.run as the command line does; returns stderr on failure."""
-    try:
-        cli.run(lambda: train.main(list(map(str, argv))))
-    except SystemExit as e:
-        assert e.code == 2
-        return capsys.readouterr().err if capsys else "failed"
-    return None
-
-
-def checkpoint(results_dir, step):
-    return torch.load(os.path.join(results_dir, EXPERIMENT, "checkpoints", f"{step:07d}.pt"), weights_only=True)
-
-
-def metrics(results_dir):
-    with open(os.path.join(results_dir, EXPERIMENT, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from conftest import (EXPERIMENT, MODEL, ROOT, STEPS, checkpoint, metrics, pixel_args, run_main, subprocess_env,
+                      torchrun, write_images)
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +101,24 @@ def test_resume_with_another_model_names_both(pixels, reference, tmp_path, capsy
     assert err.count("\n") == 1 and "input 8x8x1" in err and "input 16x16x1" in err, err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(pixels, tmp_path, capsys):
+def test_nan_stop_names_a_checkpoint_that_resumes(pixels, tmp_path, capsys):
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2)) is None
+    ckpt_dir = os.path.join(tmp_path, EXPERIMENT, "checkpoints")
+    # The first update at lr 1e30 ruins the weights, though the loss computed before it was finite.
+    err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 6, "--ckpt-every", 1, "--lr", 1e30,
+                              "--resume", "auto"), capsys)
+    named = os.path.join(ckpt_dir, "0000002.pt")
+    assert "NaN or infinite" in err and named in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(ckpt_dir)) == ["0000002.pt"]  # no checkpoint of the ruined weights
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 4, "--resume", named)) is None
+    assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path))
+    assert all(torch.isfinite(v).all() for v in checkpoint(tmp_path, 4)["model"].values())
+
+
+def test_nan_before_any_checkpoint_says_so(pixels, tmp_path, capsys):
     err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 6, "--ckpt-every", 1, "--lr", 1e30), capsys)
-    assert "NaN or infinite" in err and "0000001.pt" in err, err
-    ckpts = sorted(os.listdir(os.path.join(tmp_path, EXPERIMENT, "checkpoints")))
-    assert ckpts == ["0000001.pt"]
-    good = checkpoint(tmp_path, 1)
-    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    assert "none (none was written yet)" in err, err
+    assert os.listdir(os.path.join(tmp_path, EXPERIMENT, "checkpoints")) == []
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "classes", "size", "batch", "both"])
@@ -243,3 +202,99 @@ def test_eval_every_logs_fid(pixels, tmp_path, monkeypatch):
     evals = [r for r in metrics(tmp_path) if "fid" in r]
     assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["eval_num_samples"] == 24
     assert np.isfinite(evals[0]["fid"]) and evals[0]["fid"] > 0
+
+
+def test_resume_from_an_earlier_checkpoint_keeps_the_first_run(pixels, reference, tmp_path):
+    import shutil
+
+    first = tmp_path / "results"
+    shutil.copytree(reference, first)
+    experiment = first / EXPERIMENT
+    before = {p: p.read_bytes() for p in experiment.rglob("*") if p.is_file() and p.name != "log.txt"}
+    resume = experiment / "checkpoints" / "0000004.pt"
+    assert run_main(pixel_args(pixels, first, "--max-steps", 6, "--ckpt-every", 1, "--keep-last", 1,
+                               "--resume", resume)) is None
+    after = {p: p.read_bytes() for p in before}
+    assert after == before  # nothing of the first run deleted or overwritten
+    new = first / ("001-" + MODEL.replace("/", "-"))
+    assert sorted(os.listdir(new / "checkpoints")) == ["0000006.pt"]
+    assert "new folder" in (new / "log.txt").read_text()
+    assert [r["step"] for r in metrics_in(new)] == [5, 6]
+
+
+def metrics_in(experiment):
+    with open(experiment / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_auto_takes_the_highest_number_and_skips_a_truncated_checkpoint(pixels, reference, tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    for number in ("999", "1000"):
+        shutil.copytree(reference / EXPERIMENT, results / f"{number}-{EXPERIMENT[4:]}")
+    newest = results / f"1000-{EXPERIMENT[4:]}" / "checkpoints"
+    whole = (newest / "0000008.pt").read_bytes()
+    (newest / "0000008.pt").write_bytes(whole[: len(whole) // 2])  # cut off by a crash
+    (newest / ".tmp-abc123.pt").write_bytes(b"partial")  # left by a save killed mid-write
+    assert run_main(pixel_args(pixels, results, "--max-steps", 8, "--resume", "auto")) is None
+    err = capsys.readouterr().err
+    assert "0000008.pt" in err and "skipping" in err, err
+    assert not (newest / ".tmp-abc123.pt").exists()
+    assert (newest / "0000008.pt").read_bytes() == whole[: len(whole) // 2]  # left for the user to inspect
+    continued = results / f"1001-{EXPERIMENT[4:]}"
+    ours, ref = torch.load(continued / "checkpoints" / "0000008.pt", weights_only=True), checkpoint(reference, STEPS)
+    assert all(torch.equal(ours["ema"][k], ref["ema"][k]) for k in ref["ema"])  # resumed at 4, exact
+
+
+@pytest.mark.parametrize("flag,value,words", [("--ema-decay", 2, "--ema-decay 2.0 is out of range"),
+                                              ("--lr", -1, "--lr -1.0 is out of range"),
+                                              ("--image-size", -8, "--image-size: must be at least 1"),
+                                              ("--cfg-scale", "nan", "--cfg-scale: must be a finite number")])
+def test_nonsense_values_name_the_flag(pixels, tmp_path, capsys, flag, value, words):
+    args = pixel_args(pixels, tmp_path, "--max-steps", 1)
+    if flag in args:
+        args[args.index(flag) + 1] = str(value)
+    else:
+        args += [flag, str(value)]
+    try:
+        err = run_main(args, capsys)
+    except SystemExit:  # argparse's own one-line error
+        err = capsys.readouterr().err
+    assert words in err and err.strip().splitlines()[-1].count("error") == 1, err
+    assert not os.path.exists(tmp_path / EXPERIMENT)
+
+
+def test_full_disk_during_a_save_is_one_line(pixels, tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("train_steps") == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, "--ckpt-every", 1), capsys)
+    assert "the disk is full" in err and "0000002.pt" in err and "intact" in err and err.count("\n") == 1, err
+    ckpt_dir = os.path.join(tmp_path, EXPERIMENT, "checkpoints")
+    assert os.listdir(ckpt_dir) == ["0000001.pt"]  # the temp file of the failed save is gone too
+
+
+def test_results_dir_that_is_a_file(pixels, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for results in (tmp_path / "file", tmp_path / "file" / "below"):
+        err = run_main(pixel_args(pixels, results, "--max-steps", 1), capsys)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "--results-dir" in err, err
+
+
+def test_tensorboard_logger_gets_the_metrics_and_grids(pixels, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, "--logger", "tensorboard", "--sample-every", 2,
+                               "--num-sampling-steps", 2)) is None
+    events = EventAccumulator(str(tmp_path / EXPERIMENT / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    logged = metrics(tmp_path)
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in logged] == [1, 2]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    assert [e.step for e in events.Images("samples")] == [2]

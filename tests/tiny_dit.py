@@ -1,6 +1,6 @@
 """A tiny named DiT config and train.py-style checkpoints of it, for sampling tests.
 
-`register()` adds TINY_MODEL to models.DiT_models in this process. Scripts run in a
+`register()` adds TINY_MODEL to the named configs (models.MODEL_SIZES, DiT_models) in this process. Scripts run in a
 subprocess get it through this file as a launcher, which registers it and then runs the real
 script unchanged as __main__:
 
@@ -27,7 +27,9 @@ def tiny(**kwargs):
 
 
 def register():
-    models.DiT_models[TINY_MODEL] = tiny
+    """Make DiT-TestTiny/2 a named config, as if it were in models.MODEL_SIZES."""
+    models.MODEL_SIZES["TestTiny"] = (2, 32, 2)
+    models.DiT_models[TINY_MODEL] = models._config(TINY_MODEL)
 
 
 def random_state_dict(seed, **kwargs):
