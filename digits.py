@@ -15,6 +15,9 @@ import time
 
 import numpy as np
 
+import cli
+from cli import UserError, run
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 
@@ -87,16 +90,15 @@ class DigitScorer:
 
 
 def score_checkpoint(args):
-    import torch
-
     import sampling
+    from distributed import pick_device
 
     labels = np.repeat(np.arange(NUM_CLASSES), args.per_class)
     start = time.perf_counter()
     images = sampling.generate_from_checkpoint(
         args.ckpt, labels.tolist(), cfg_scale=args.cfg_scale, sampler=args.sampler,
         num_sampling_steps=args.num_sampling_steps, seed=args.seed, batch_size=args.batch_size,
-        device=torch.device("cpu"))
+        device=pick_device(args.device), guide_all_channels=args.cfg_all_channels, precision=args.precision)
     seconds = time.perf_counter() - start
     result = DigitScorer().score(images, labels)
     print(f"{args.sampler}-{args.num_sampling_steps} cfg {args.cfg_scale}: accuracy {result['accuracy']:.1%}, "
@@ -105,27 +107,35 @@ def score_checkpoint(args):
     return result
 
 
-def main():
+def check_score_args(args):
+    """Refuse what would fail, or score nothing, only after the sampling."""
+    import sampling
+
+    for flag in ("per_class", "batch_size", "num_sampling_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    sampling.check_cfg_scale(args.cfg_scale)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Built-in digits data and their quality figure.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="write the digits as an ImageFolder")
     p.add_argument("--out", default="data/digits")
     s = sub.add_parser("score", help="sample a checkpoint per class and print accuracy and Frechet distance")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--cfg-scale", type=float, default=4.0)
-    s.add_argument("--sampler", default="ddim")
-    s.add_argument("--num-sampling-steps", type=int, default=50)
+    s.add_argument("--ckpt", required=True, help="any checkpoint sample.py reads")
+    cli.add_sampler_flags(s, cfg_scale=4.0, num_sampling_steps=50, sampler="ddim")
+    cli.add_device_flags(s, precision="fp32")
     s.add_argument("--per-class", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.out)
     else:
+        check_score_args(args)
         score_checkpoint(args)
 
 
 if __name__ == "__main__":
-    from cli import run
-
     run(main)

@@ -75,3 +75,12 @@ def mean_over_ranks(value, device):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.item()
+
+
+def broadcast(value):
+    """Rank 0's value (any picklable object) on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value

@@ -1,18 +1,24 @@
-"""Released DiT weights and checkpoint loading.
+"""The released DiT weights: downloading them, and `find_model` as the reference has it.
 
 `find_model(name_or_path)` returns a state_dict: a released name (DiT-XL-2-256x256.pt,
-DiT-XL-2-512x512.pt) is downloaded once into pretrained_models/, anything else is a local
-file (a train.py checkpoint yields its EMA weights). Every load goes through
+DiT-XL-2-512x512.pt) is downloaded once into pretrained_models/, anything else is read by
+checkpoint.py (a train.py checkpoint yields its EMA weights). Every load goes through
 torch.load(weights_only=True), so a file carrying pickled code is refused before any of it runs.
 
 Downloads go to `<name>.part` and are renamed only once complete, with the size the server
 announced; an interrupted download resumes from the partial file (or restarts if the server
 cannot resume). Set DIT_MODELS_URL to fetch from a mirror instead of the original host.
 
-    python download.py                      # fetch all released weights
-    python download.py DiT-XL-2-256x256.pt  # fetch one
+    python download.py                           # fetch all released weights (both resolutions)
+    python download.py DiT-XL/2                  # the same, named as the tutorials do
+    python download.py DiT-XL/2 --image-size 512 # one resolution: DiT-XL-2-512x512.pt
+    python download.py DiT-XL-2-256x256.pt       # one file by name (".pt" may be left off)
+
+`checkpoint_sha256(name_or_path)` identifies the weights a name or path stands for by content, so
+a run can tell when the file behind a path was replaced.
 """
 import argparse
+import hashlib
 import http.client
 import os
 import re
@@ -22,14 +28,19 @@ import urllib.request
 from tqdm.auto import tqdm
 
 import cli
-from files import load_torch
 
 RELEASED_MODELS = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
+RELEASED_CONFIG = "DiT-XL/2"  # the one config with released weights, at these image sizes:
+RELEASED_SIZES = (256, 512)
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models"
 MIRROR_ENV = "DIT_MODELS_URL"
 PRETRAINED_DIR = "pretrained_models"
 ATTEMPTS = 3  # resumed tries within one call before giving up
 CHUNK = 1 << 20
+
+
+class DownloadError(cli.UserError, RuntimeError):
+    """The weights could not be fetched: one line for the user (a RuntimeError for older callers)."""
 
 
 class _Interrupted(Exception):
@@ -85,8 +96,8 @@ def _fetch_once(url, part, timeout):
 def download_model(name, root=PRETRAINED_DIR, timeout=60):
     """Path of released weights `name` under `root`, downloading them first if needed."""
     if name not in RELEASED_MODELS:
-        raise ValueError(f"{name!r} is not a released DiT model; choose one of {', '.join(RELEASED_MODELS)} "
-                         f"or pass a local checkpoint path")
+        raise cli.UserError(f"{name!r} is not a released DiT model; choose one of {', '.join(RELEASED_MODELS)} "
+                            f"or pass a local checkpoint path")
     path = os.path.join(root, name)
     if os.path.isfile(path):
         return path
@@ -106,38 +117,75 @@ def download_model(name, root=PRETRAINED_DIR, timeout=60):
             if not isinstance(e, urllib.error.HTTPError) and isinstance(getattr(e, "reason", None), OSError):
                 break  # no connection at all: retrying now will not help
     retry = "run again to resume" if os.path.exists(part) else "check the network and run again"
-    raise RuntimeError(f"could not download {url} ({reason}); {retry}, set {MIRROR_ENV} to a mirror, "
-                       f"or pass --ckpt PATH to weights you already have")
-
-
-def load_checkpoint(name_or_path):
-    """(state_dict, args) from released weights or a local file; args is {} unless train.py wrote it."""
-    if name_or_path in RELEASED_MODELS and not os.path.isfile(name_or_path):
-        name_or_path = download_model(name_or_path)
-    checkpoint = load_torch(name_or_path, "checkpoint")
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {name_or_path!r} holds a {type(checkpoint).__name__}, not a state_dict "
-                         f"or a train.py checkpoint")
-    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    if "ema" in checkpoint:  # train.py checkpoint: sample from the EMA weights, as the paper does
-        return checkpoint["ema"], args
-    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        return checkpoint["model"], args
-    return checkpoint, args
+    raise DownloadError(f"could not download {url} ({reason}); {retry}, set {MIRROR_ENV} to a mirror, "
+                        f"or pass --ckpt PATH to weights you already have")
 
 
 def find_model(name_or_path):
-    """The state_dict to sample with: released weights by name, or a local checkpoint."""
-    return load_checkpoint(name_or_path)[0]
+    """The state_dict to sample with, as the reference's find_model: released weights by name
+    (pretrained_models/ first, else downloaded), or any checkpoint checkpoint.load reads."""
+    import checkpoint  # lazily: checkpoint imports this module for the released weights
+
+    return checkpoint.load(name_or_path).state_dict
+
+
+def checkpoint_sha256(name_or_path):
+    """sha256 of the weights a --ckpt value stands for: a file, a folder's files (by relative path
+    and content), or a released name's downloaded file. None for anything else (a hub id)."""
+    path = os.fspath(name_or_path)
+    if path in RELEASED_MODELS and not os.path.isfile(path):
+        path = download_model(path)
+    if os.path.isfile(path):
+        return file_sha256(path)
+    if not os.path.isdir(path):
+        return None
+    digest = hashlib.sha256()
+    for folder, subfolders, names in os.walk(path):
+        subfolders.sort()  # a fixed walk order, so the digest depends on the contents only
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\0".encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path):
+    """Streamed in CHUNK-sized pieces: the released weights are gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def released_names(names, image_size=None):
+    """File names to fetch for command-line names: DiT-XL/2 (each of RELEASED_SIZES, or image_size)
+    or released file names. Checked in full before anything is downloaded."""
+    sizes = [image_size] if image_size else list(RELEASED_SIZES)
+    files = []
+    for name in names or [RELEASED_CONFIG]:
+        if name in (RELEASED_CONFIG, RELEASED_CONFIG.replace("/", "-")):
+            files += [f"DiT-XL-2-{size}x{size}.pt" for size in sizes]
+            continue
+        filename = name if name.endswith(".pt") else name + ".pt"
+        if filename not in RELEASED_MODELS:
+            raise cli.UserError(f"unknown released model {name!r}; give {RELEASED_CONFIG} (both resolutions, or "
+                                f"one with --image-size {' or '.join(map(str, RELEASED_SIZES))}) or a file "
+                                f"name: {', '.join(RELEASED_MODELS)}")
+        if image_size and filename != f"DiT-XL-2-{image_size}x{image_size}.pt":
+            raise cli.UserError(f"{name} is not the --image-size {image_size} weights; drop one of the two")
+        files.append(filename)
+    return list(dict.fromkeys(files))  # each file once, in the order asked
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=list(RELEASED_MODELS),
-                        help=f"released weights to fetch (default: all of {', '.join(RELEASED_MODELS)})")
+    parser.add_argument("names", nargs="*",
+                        help=f"{RELEASED_CONFIG} or file names {', '.join(RELEASED_MODELS)} (default: all)")
+    parser.add_argument("--image-size", type=int, choices=RELEASED_SIZES, default=None,
+                        help="only the weights for this resolution (default: both)")
     parser.add_argument("--dir", default=PRETRAINED_DIR, help="where to put them")
     args = parser.parse_args(argv)
-    for name in args.names:
+    for name in released_names(args.names, args.image_size):
         print(download_model(name, args.dir))
 
 

@@ -51,8 +51,8 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "inception_score", "pool")
 
 
 def _images_error(what, problem):
-    return ValueError(f"{what} {problem}; an ADM-format batch holds arr_0 = uint8 images N x H x W x 3 "
-                      f"(values 0-255), saved with np.savez(path, images) as sample_ddp.py does")
+    return cli.UserError(f"{what} {problem}; an ADM-format batch holds arr_0 = uint8 images N x H x W x 3 "
+                         f"(values 0-255), saved with np.savez(path, images) as sample_ddp.py does")
 
 
 def check_images(shape, dtype, what):
@@ -120,8 +120,8 @@ def image_batches(source, batch_size):
             n = min(batch_size, shape[0] - start)
             data = f.read(n * image_bytes)
             if len(data) != n * image_bytes:
-                raise ValueError(f"{source!r} is truncated: arr_0 ends after {start + len(data) // image_bytes} "
-                                 f"of {shape[0]} images; re-create the file")
+                raise cli.UserError(f"{source!r} is truncated: arr_0 ends after {start + len(data) // image_bytes} "
+                                    f"of {shape[0]} images; re-create the file")
             yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
 
 
@@ -169,9 +169,9 @@ def fetch_inception_weights():
             torch.hub.download_url_to_file(pf.FID_WEIGHTS_URL, path, progress=True)  # writes a .partial, then renames
         except Exception as e:  # urllib, socket and OS errors alike
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise RuntimeError(f"could not download the FID Inception weights from {pf.FID_WEIGHTS_URL} ({reason}); "
-                               f"fetch that file on a machine with internet and put it at {path} "
-                               f"(the folder follows $TORCH_HOME)") from None
+            raise cli.UserError(f"could not download the FID Inception weights from {pf.FID_WEIGHTS_URL} ({reason}); "
+                                f"fetch that file on a machine with internet and put it at {path} "
+                                f"(the folder follows $TORCH_HOME)") from None
     return path
 
 
@@ -209,8 +209,8 @@ def load_inception(device):
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RuntimeError(f"{path} does not hold the FID Inception weights ({first}); delete it so it is "
-                           f"downloaded again") from None
+        raise cli.UserError(f"{path} does not hold the FID Inception weights ({first}); delete it so it is "
+                            f"downloaded again") from None
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     return InceptionFeatures(net, cache_key=f"fid-inception-{digest}-bilinear299").to(device)
@@ -302,8 +302,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FID_EPS):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"the two Gaussians differ in shape (mean {mu1.shape} vs {mu2.shape}, covariance "
-                         f"{sigma1.shape} vs {sigma2.shape}); compare statistics of the same features")
+        raise cli.UserError(f"the two Gaussians differ in shape (mean {mu1.shape} vs {mu2.shape}, covariance "
+                            f"{sigma1.shape} vs {sigma2.shape}); compare statistics of the same features")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # singular products are handled below
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -312,13 +312,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FID_EPS):
             offset = np.eye(len(mu1)) * eps
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if not np.isfinite(covmean).all():
-        raise ValueError("FID: the matrix square root is not finite even after offsetting the covariances; "
-                         "the statistics are degenerate (use more, and more varied, images)")
+        raise cli.UserError("FID: the matrix square root is not finite even after offsetting the covariances; "
+                            "the statistics are degenerate (use more, and more varied, images)")
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: the matrix square root has an imaginary part of "
-                             f"{np.abs(covmean.imag).max():.3g}, far from rounding error; the covariances are "
-                             f"too ill-conditioned (use more images than feature dimensions)")
+            raise cli.UserError(f"FID: the matrix square root has an imaginary part of "
+                                f"{np.abs(covmean.imag).max():.3g}, far from rounding error; the covariances are "
+                                f"too ill-conditioned (use more images than feature dimensions)")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -343,7 +343,7 @@ def manifold_radii(features, k=PR_NEIGHBOURS, batch_size=PR_BATCH_SIZE, device="
     """Squared distance from each point to its k-th nearest neighbour, itself not counted (ADM's radii)."""
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
     if len(x) <= k:
-        raise ValueError(f"precision and recall need more than {k} images in each batch, got {len(x)}")
+        raise cli.UserError(f"precision and recall need more than {k} images in each batch, got {len(x)}")
     radii = []
     for rows in x.split(batch_size):
         # the k+1 nearest of each column block, then of their union; the nearest of all is the point itself
@@ -381,7 +381,7 @@ def parse_metrics(metrics):
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
         problem = f"unknown metric {bad[0]!r}" if bad else "no metric was asked for"
-        raise ValueError(f"{problem}; choose from {', '.join(METRICS)}")
+        raise cli.UserError(f"{problem}; choose from {', '.join(METRICS)}")
     return tuple(m for m in METRICS if m in names)
 
 
@@ -398,18 +398,45 @@ def reference_statistics(ref_path, keys, need_images, extractor, device, batch_s
     return {**computed, **stored}  # ADM uses the shipped statistics as they are
 
 
+def check_same_resolution(ref_shape, sample_shape, allow):
+    """Refuse (or, when allowed, warn about) references and samples of different image sizes:
+    Inception resizes both to 299 px, so the mismatch would pass unnoticed into the scores."""
+    ref_hw, sample_hw = tuple(ref_shape[1:3]), tuple(sample_shape[1:3])
+    if ref_hw == sample_hw:
+        return
+    problem = (f"the reference batch holds {ref_hw[0]}x{ref_hw[1]} images but the samples are "
+               f"{sample_hw[0]}x{sample_hw[1]}, so the scores would compare resolutions, not models")
+    if not allow:
+        raise cli.UserError(f"{problem}; use the reference for the samples' resolution, or pass "
+                            f"--allow-size-mismatch to score them anyway")
+    warnings.warn(f"{problem} (--allow-size-mismatch)", stacklevel=2)
+
+
+def _reference_shape(ref_path, keys, need_images):
+    """arr_0's shape (read from its header) when the reference holds images, else None."""
+    if not need_images and "arr_0" not in keys:
+        return None
+    try:
+        return npz_image_shape(ref_path, "reference batch")
+    except ValueError:
+        if need_images:
+            raise
+        return None  # images that are not used: only the stored statistics count
+
+
 def compute_metrics(ref_path, samples, device="cpu", batch_size=50, metrics=METRICS, feature_extractor=None,
-                    cache=True, cache_dir=None):
+                    cache=True, cache_dir=None, allow_size_mismatch=False):
     """Metrics of `samples` (uint8 N x H x W x 3 array, or an ADM-format .npz path) against a reference .npz.
 
     Returns {"fid", "sfid", "inception_score", "precision", "recall"} for the asked `metrics` (names from
     METRICS). `feature_extractor=None` loads the FID Inception network; a stand-in is any callable taking a
     uint8 N x H x W x 3 tensor on `device` and returning {"pool", "spatial", "logits"} 2-D tensors (statistics
-    of files are cached on disk only for extractors with a `cache_key` attribute)."""
+    of files are cached on disk only for extractors with a `cache_key` attribute). References and samples of
+    different image sizes are refused unless `allow_size_mismatch` (then a warning)."""
     metrics = parse_metrics(metrics)
     device = pick_device(str(device))
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise cli.UserError(f"--batch-size must be at least 1, got {batch_size}")
 
     ref_path = os.fspath(ref_path)
     keys = npz_keys(ref_path, "reference batch")
@@ -419,16 +446,19 @@ def compute_metrics(ref_path, samples, device="cpu", batch_size=50, metrics=METR
     need_ref_images = pr or missing_stats
     if need_ref_images and "arr_0" not in keys:
         what = "precision and recall need" if pr else "the reference carries no mu/sigma statistics, so FID needs"
-        raise ValueError(f"reference batch {ref_path!r} has no arr_0 array (it holds: {', '.join(keys) or 'nothing'}), "
-                         f"and {what} its images; use an ADM-format reference with images (arr_0 uint8 "
-                         f"N x H x W x 3) or ask only for metrics its statistics cover")
-    if need_ref_images:
-        npz_image_shape(ref_path, "reference batch")
+        raise cli.UserError(f"reference batch {ref_path!r} has no arr_0 array (it holds: "
+                            f"{', '.join(keys) or 'nothing'}), and {what} its images; use an ADM-format "
+                            f"reference with images (arr_0 uint8 N x H x W x 3) or ask only for metrics its "
+                            f"statistics cover")
+    ref_shape = _reference_shape(ref_path, keys, need_ref_images)
     if isinstance(samples, np.ndarray):
         check_images(samples.shape, samples.dtype, "the samples")
+        sample_shape = samples.shape
     else:
         samples = os.fspath(samples)
-        npz_image_shape(samples, "sample batch")
+        sample_shape = npz_image_shape(samples, "sample batch")
+    if ref_shape is not None:
+        check_same_resolution(ref_shape, sample_shape, allow_size_mismatch)
 
     with full_precision_matmuls():
         extractor = feature_extractor if feature_extractor is not None else load_inception(device)
@@ -459,10 +489,13 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     parser.add_argument("--cache-dir", default=None, help="folder for per-file statistics (default: beside each file)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
+    parser.add_argument("--allow-size-mismatch", action="store_true",
+                        help="score samples whose image size differs from the reference's (with a warning)")
     args = parser.parse_args(argv)
 
     results = compute_metrics(args.ref_batch, args.sample_batch, device=args.device, batch_size=args.batch_size,
-                              metrics=parse_metrics(args.metrics), cache=not args.no_cache, cache_dir=args.cache_dir)
+                              metrics=parse_metrics(args.metrics), cache=not args.no_cache, cache_dir=args.cache_dir,
+                              allow_size_mismatch=args.allow_size_mismatch)
     labels = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
               "precision": "Precision", "recall": "Recall"}
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):  # ADM's order

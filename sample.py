@@ -1,6 +1,6 @@
 """Sample a few images from a DiT: released weights (downloaded once) or a train.py checkpoint.
 
-    python sample.py --image-size 512 --seed 1
+    python sample.py --image-size 512 --seed 1 --class-labels 207 360 387 974
     python sample.py --ckpt results/000-DiT-XL-2/checkpoints/0400000.pt --sampler dpm-solver --num-sampling-steps 25
 
 With the DDPM sampler (the default), the same seed, checkpoint and VAE give the same image as
@@ -14,6 +14,7 @@ From Python, main([...flags]) returns the images as an N x H x W x C uint8 array
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 from torchvision.utils import save_image as save_grid
@@ -30,11 +31,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sampling.add_model_args(parser, cfg_scale=4.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class-labels", default=None,
-                        help=f"labels separated by spaces or commas (default: {ORIGINAL_CLASS_LABELS} for 1000 "
-                             f"classes, else each class once, at most 16)")
-    parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
-                        help="default: PyTorch's own settings, as the original sample.py")
+    parser.add_argument("--class-labels", nargs="+", default=None,
+                        help=f"labels as separate arguments, or separated by spaces or commas (default: "
+                             f"{ORIGINAL_CLASS_LABELS} for 1000 classes, else each class once, at most 16)")
+    cli.add_device_flags(parser, precision=None)  # --device, and --precision: PyTorch's own settings by default
     parser.add_argument("--output", default="sample.png", help="the grid of all samples")
     parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
     parser.add_argument("--save-individual", action="store_true",
@@ -43,10 +43,52 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_args(args):
+    """Refuse values that would fail only after sampling (when the work would be lost)."""
+    check_sampling_args(args)
+    if args.nrow < 1:
+        raise cli.UserError(f"--nrow must be at least 1, got {args.nrow}")
+    check_image_extension(args.output)
+    check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
+
+
+def check_sampling_args(args):
+    """What sample.py and sample_ddp.py both refuse before loading anything."""
+    sampling.check_cfg_scale(args.cfg_scale)
+    for flag in ("image_size", "num_classes"):  # 0 would silently mean "the checkpoint's"
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise cli.UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.vae_batch_size < 1:
+        raise cli.UserError(f"--vae-batch-size must be at least 1, got {args.vae_batch_size}")
+
+
+def check_image_extension(path):
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise cli.UserError(f"--output {path!r}: {ext or 'no extension'} is not an image format Pillow writes; "
+                            f"end it in .png (lossless) or .jpg")
+
+
+def check_writable(folder, flag):
+    """Create `folder` and a file in it now, so a read-only or bad path fails before the sampling."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise cli.UserError(f"{flag}: {folder!r} is a file, not a folder; choose another location")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise cli.UserError(f"{flag}: cannot write to {folder!r} ({e.strerror or e}); "
+                            f"choose a writable location") from None
+
+
 @torch.no_grad()  # a context, not set_grad_enabled(False): main() is also called from Python
 def main(argv=None):
     args = parse_args(argv)
-    sampling.check_cfg_scale(args.cfg_scale)
+    check_args(args)
     device = pick_device(args.device)
     if args.precision is not None:
         cli.set_tf32(args.precision, device)
@@ -57,7 +99,7 @@ def main(argv=None):
         labels = ([int(y) for y in ORIGINAL_CLASS_LABELS.split()] if settings.num_classes == 1000
                   else list(range(min(settings.num_classes, 16))))
     else:
-        labels = cli.parse_class_labels(args.class_labels, settings.num_classes)
+        labels = cli.parse_class_labels(" ".join(args.class_labels), settings.num_classes)
     if not labels:
         raise cli.UserError("--class-labels is empty; give at least one label")
     sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps)

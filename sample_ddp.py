@@ -8,11 +8,12 @@ random (or exactly balanced with --balanced-classes).
 
 Writes SAMPLE_DIR/FOLDER/000000.png ..., SAMPLE_DIR/FOLDER.npz (arr_0: uint8 images,
 N x H x W x 3, exactly N; arr_1: their class labels, as ADM writes them) and SAMPLE_DIR/FOLDER.json
-(the settings). Sample i's label, start noise and per-step noise come from a generator seeded
-with (global seed, i), so the images do not depend on the number of processes: with the same
---per-proc-batch-size, device and thread count they are bitwise identical; another batch size
-changes only floating-point rounding (kernels round differently for other shapes). PNGs are
-written atomically, and a restarted run skips the ones already there and completes the set.
+(the settings, with the checkpoint's sha256: a rerun into the same folder with other weights
+behind the same --ckpt path is refused). Sample i's label, start noise and per-step noise come
+from a generator seeded with (global seed, i), so the images do not depend on the number of
+processes: with the same --per-proc-batch-size, device and thread count they are bitwise
+identical; another batch size changes only floating-point rounding (kernels round differently
+for other shapes). PNGs are written atomically, and a restarted run skips the ones already there and completes the set.
 """
 import argparse
 import dataclasses
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -29,11 +31,13 @@ from tqdm.auto import tqdm
 import cli
 import distributed
 import sampling
+from download import checkpoint_sha256
 from files import atomic_path, save_image, save_json
+from sample import check_sampling_args, check_writable
 
 # Settings that change the images: a restart into the same folder must keep them.
-IMAGE_SETTINGS = ("model", "ckpt", "image_size", "num_classes", "vae", "vae_path", "in_channels", "cfg_scale",
-                  "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
+IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
+                  "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
                   "precision")
 
 
@@ -46,13 +50,12 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--balanced-classes", action="store_true",
                         help="exactly N / num_classes samples per class (in random order) instead of uniform labels")
-    parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
-                        help="default: tf32 (as the original), or fp32 with --no-tf32")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls on Ampere+ GPUs: faster, slightly different numbers")
+    cli.add_device_flags(parser, precision="tf32")  # TF32 matmuls on CUDA, as the original sample_ddp.py
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                        help="the original's flag, kept as an alias: --no-tf32 = --precision fp32")
     parser.add_argument("--vae-batch-size", type=int, default=8, help="images decoded at once")
     args = parser.parse_args(argv)
-    if args.precision is None:
+    if args.tf32 is not None:
         args.precision = "tf32" if args.tf32 else "fp32"
     return args
 
@@ -71,6 +74,23 @@ def class_labels(args, num_classes, indices, generators):
         balanced = (torch.arange(args.num_fid_samples) % num_classes)[order]
         return [int(balanced[i]) for i in indices]
     return [int(torch.randint(num_classes, (), generator=g)) for g in generators]
+
+
+def check_same_settings(folder, record, keys):
+    """Refuse to add to samples made with other settings. A key the earlier run did not record
+    (an older version wrote its JSON) cannot be compared: say so, and go on."""
+    if not os.path.exists(f"{folder}.json"):
+        return
+    with open(f"{folder}.json") as f:
+        earlier = json.load(f)
+    changed = [k for k in keys if k in earlier and earlier[k] != record.get(k)]
+    if changed:
+        raise cli.UserError(f"{folder} holds samples made with other settings ({', '.join(changed)}: "
+                            f"{[earlier.get(k) for k in changed]}); use another --sample-dir or delete it")
+    unrecorded = [k for k in keys if k not in earlier]
+    if unrecorded:
+        warnings.warn(f"{folder}.json does not record {', '.join(unrecorded)} (an older version wrote it): the "
+                      f"samples already there are assumed to match", stacklevel=2)
 
 
 def create_npz(folder, labels):
@@ -92,7 +112,8 @@ def main(argv=None):
         raise cli.UserError("--num-fid-samples and --per-proc-batch-size must be positive")
     if args.global_seed < 0:
         raise cli.UserError(f"--global-seed must be non-negative, got {args.global_seed}")
-    sampling.check_cfg_scale(args.cfg_scale)
+    check_sampling_args(args)
+    check_writable(args.sample_dir, "--sample-dir")
     rank, world_size, device = distributed.setup(args.device)
     try:
         return _sample(args, rank, world_size, device)
@@ -109,19 +130,15 @@ def _sample(args, rank, world_size, device):
     sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps)
     decode = sampling.load_decoder(settings, device, args.vae_batch_size)
     folder = os.path.join(args.sample_dir, folder_name(args, settings))
-    record = {**dataclasses.asdict(settings), **{k: getattr(args, k) for k in (
-        "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
-        "precision", "num_fid_samples", "per_proc_batch_size")}}
+    # Rank 0 hashes the weights (gigabytes for DiT-XL/2) once for everyone.
+    sha256 = distributed.broadcast(checkpoint_sha256(settings.ckpt) if rank == 0 else None)
+    record = {**dataclasses.asdict(settings), "ckpt_sha256": sha256,
+              **{k: getattr(args, k) for k in (
+                  "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed",
+                  "balanced_classes", "precision", "num_fid_samples", "per_proc_batch_size")}}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
-    if os.path.exists(f"{folder}.json"):
-        with open(f"{folder}.json") as f:
-            earlier = json.load(f)
-        keys = IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())
-        changed = [k for k in keys if earlier.get(k) != record.get(k)]
-        if changed:
-            raise cli.UserError(f"{folder} holds samples made with other settings ({', '.join(changed)}: "
-                                f"{[earlier.get(k) for k in changed]}); use another --sample-dir or delete it")
+    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ()))
     os.makedirs(folder, exist_ok=True)
     missing = [i for i in range(args.num_fid_samples) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
     distributed.barrier()

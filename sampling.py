@@ -23,39 +23,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import checkpoint
 import cli
 import vae as vae_lib
 from diffusion import create_diffusion
 from diffusion.dpm_solver import dpm_solver_sample_loop
-from download import RELEASED_MODELS, load_checkpoint
-from models import DiT_models, create_model, load_weights
+from download import RELEASED_MODELS
+from models import MODEL_SIZES, model_args_for
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-VAE_CHOICES = ("ema", "mse", "none")
+SAMPLERS = cli.SAMPLERS
 
 
 def add_model_args(parser, cfg_scale, num_sampling_steps=250):
-    """The flags sample.py and sample_ddp.py share. Model settings default to None: they come
-    from a train.py checkpoint's stored args, else from the original's defaults."""
-    parser.add_argument("--model", default=None, help="DiT config, e.g. DiT-XL/2 (default: the checkpoint's, "
-                                                      "else DiT-XL/2)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, else 256")
-    parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
-    parser.add_argument("--vae", choices=VAE_CHOICES, default=None,
-                        help="Stable Diffusion VAE decoder, or none for pixel-space models "
-                             "(default: the checkpoint's, else ema)")
-    parser.add_argument("--vae-path", default=None, help="a local diffusers AutoencoderKL folder (overrides --vae)")
+    """The flags sample.py and sample_ddp.py share: the model (default: what the checkpoint
+    records), --ckpt, and the sampler."""
+    cli.add_model_flags(parser, training=False)
     parser.add_argument("--ckpt", default=None,
-                        help="a train.py checkpoint (its EMA weights) or a state_dict; default: the released "
-                             "DiT-XL/2 weights for --image-size (downloaded once)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                        help="ddpm: ancestral, as the original; ddim: deterministic DDIM; "
-                             "dpm-solver: DPM-Solver++(2M), ~25 steps suffice")
-    parser.add_argument("--num-sampling-steps", type=int, default=num_sampling_steps)
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="classifier-free guidance; 1 = off")
-    parser.add_argument("--cfg-all-channels", action="store_true",
-                        help="guide all noise channels (the original guides the first three only)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+                        help="a train.py checkpoint (its EMA weights), a state_dict, a .safetensors file, or a "
+                             "diffusers DiT folder or hub id; default: the released DiT-XL/2 weights for "
+                             "--image-size (downloaded once)")
+    cli.add_sampler_flags(parser, cfg_scale, num_sampling_steps)
 
 
 @dataclasses.dataclass
@@ -68,53 +55,72 @@ class ModelSettings:
     in_channels: int
     latent_size: int
     ckpt: str
+    model_args: dict = None
+    diffusion_args: dict = None
+
+
+def released_weights(args):
+    """The released checkpoint's name for the flags, when no --ckpt is given."""
+    model_name, image_size = args.model or "DiT-XL/2", args.image_size or 256
+    name = f"DiT-XL-2-{image_size}x{image_size}.pt"
+    if model_name != "DiT-XL/2" or name not in RELEASED_MODELS or (args.num_classes or 1000) != 1000:
+        raise cli.UserError(f"released weights exist only for DiT-XL/2 at --image-size 256 or 512 with "
+                            f"1000 classes (asked: {model_name} at {image_size}, {args.num_classes or 1000} "
+                            f"classes); pass --ckpt PATH for other models")
+    if args.vae == "none":
+        raise cli.UserError("the released DiT-XL/2 weights are latent-space models; use --vae ema or mse")
+    return name
 
 
 def load_model(args, device):
-    """(model in eval mode on device, ModelSettings): the DiT for args.model / image_size /
-    num_classes, filled in from the checkpoint's stored args where not given, with its weights."""
-    if args.model is not None and args.model not in DiT_models:
-        raise cli.UserError(f"unknown model {args.model!r}; choose one of: {', '.join(DiT_models)}")
-    if args.ckpt is None:
-        model_name, image_size = args.model or "DiT-XL/2", args.image_size or 256
-        num_classes = args.num_classes or 1000
-        ckpt = f"DiT-XL-2-{image_size}x{image_size}.pt"
-        if model_name != "DiT-XL/2" or ckpt not in RELEASED_MODELS or num_classes != 1000:
-            raise cli.UserError(f"released weights exist only for DiT-XL/2 at --image-size 256 or 512 with "
-                                f"1000 classes (asked: {model_name} at {image_size}, {num_classes} classes); "
-                                f"pass --ckpt PATH for other models")
-        if args.vae == "none":
-            raise cli.UserError("the released DiT-XL/2 weights are latent-space models; use --vae ema or mse")
-    else:
-        ckpt = args.ckpt
-    state_dict, stored = load_checkpoint(ckpt)
-
-    model_name = args.model or stored.get("model") or "DiT-XL/2"
-    image_size = args.image_size or stored.get("image_size") or 256
-    num_classes = args.num_classes or stored.get("num_classes") or 1000
-    vae = args.vae or stored.get("vae") or "ema"
-    # A checkpoint trained through a local VAE folder decodes with it too, unless told otherwise.
-    vae_path = args.vae_path or (stored.get("vae_path") if args.vae is None else None)
+    """(model in eval mode on device, ModelSettings) for --ckpt (any format checkpoint.load reads)
+    or the released weights. Flags that are given override what the checkpoint records."""
+    ckpt = args.ckpt or released_weights(args)
+    loaded = checkpoint.load(ckpt)
+    vae = args.vae or loaded.settings.get("vae")
+    model_args = dict(loaded.model_args or _model_args_from_flags(args, loaded, vae))
+    if args.model is not None:
+        model_args.update(model_args_for(args.model))
+    model_args.update(cli.model_variant_args(args))
+    if vae is None:  # a bare state_dict: 4 channels are SD-VAE latents
+        vae = "ema" if model_args["in_channels"] == 4 else "none"
     if vae == "none" and args.vae_path:
         raise cli.UserError("--vae-path was given with --vae none; drop one of them")
-    if vae == "none":
-        in_channels, latent_size = int(stored.get("in_channels") or 3), image_size
-    else:
-        if image_size % vae_lib.DOWNSAMPLE:
-            raise cli.UserError(f"--image-size {image_size} must be a multiple of {vae_lib.DOWNSAMPLE} "
-                                f"for a latent-space model")
-        in_channels, latent_size = 4, image_size // vae_lib.DOWNSAMPLE
-    if num_classes < 1:
-        raise cli.UserError(f"--num-classes must be positive, got {num_classes}")
+    downsample = 1 if vae == "none" else vae_lib.DOWNSAMPLE
+    image_size = args.image_size or loaded.settings.get("image_size") or model_args["input_size"] * downsample
+    if image_size % downsample:
+        raise cli.UserError(f"--image-size {image_size} must be a multiple of {downsample} for a latent-space model")
+    model_args["input_size"] = image_size // downsample
+    model_args["num_classes"] = args.num_classes or model_args["num_classes"]
+    # A checkpoint trained through a local VAE folder decodes with it too, unless told otherwise.
+    vae_path = args.vae_path or (loaded.settings.get("vae_path") if args.vae is None else None)
 
-    # Built with the original's call, so its random initialisation draws the same numbers.
-    kwargs = dict(input_size=latent_size, num_classes=num_classes)
-    if vae == "none":
-        kwargs["in_channels"] = in_channels
-    model = create_model(model_name, **kwargs).to(device)
-    load_weights(model, state_dict, f"checkpoint {ckpt}")
-    settings = ModelSettings(model_name, image_size, num_classes, vae, vae_path, in_channels, latent_size, ckpt)
+    model = checkpoint.build_model(model_args, loaded.state_dict, f"checkpoint {loaded.source}").to(device)
+    name = args.model or loaded.settings.get("model") or config_name(model_args)
+    settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
+                             model_args["input_size"], ckpt, model_args, loaded.diffusion_args)
     return model.eval(), settings
+
+
+def _model_args_from_flags(args, loaded, vae):
+    """For a bare state_dict: the named --model, else the config its shapes show."""
+    if args.model is None:
+        found = checkpoint.model_args_from_state_dict(loaded.state_dict)
+        if found is None:
+            raise cli.UserError(f"{loaded.source} is a state_dict of unknown configuration; pass --model, "
+                                f"--image-size and --num-classes")
+        return found
+    pixel = vae == "none"
+    in_channels = loaded.state_dict.get("x_embedder.proj.weight", torch.empty(0, 3)).shape[1] if pixel else 4
+    return model_args_for(args.model, input_size=32, in_channels=in_channels, num_classes=1000)
+
+
+def config_name(model_args):
+    """'DiT-XL/2' for the arguments of a named config, else a description."""
+    for size, (depth, hidden, heads) in MODEL_SIZES.items():
+        if (depth, hidden, heads) == (model_args["depth"], model_args["hidden_size"], model_args["num_heads"]):
+            return f"DiT-{size}/{model_args['patch_size']}"
+    return f"DiT-depth{model_args['depth']}-hidden{model_args['hidden_size']}/{model_args['patch_size']}"
 
 
 def load_decoder(settings, device, chunk_size=8):
@@ -132,15 +138,16 @@ class Sampler:
     diffusion: object  # the respaced process (the full 1000-step one for the solver)
 
 
-def make_sampler(name, steps):
-    """ddpm: str(steps) respacing; ddim: ddim{steps}; dpm-solver: its own grid over 1000 steps."""
+def make_sampler(name, steps, diffusion_args=None):
+    """ddpm: str(steps) respacing; ddim: ddim{steps}; dpm-solver: its own grid over the training
+    steps. diffusion_args: the process the model was trained with (a checkpoint records them)."""
     if name not in SAMPLERS:
         raise cli.UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
         raise cli.UserError(f"--num-sampling-steps must be at least 1, got {steps}")
     respacing = {"ddpm": str(steps), "ddim": f"ddim{steps}", "dpm-solver": ""}[name]
     try:
-        diffusion = create_diffusion(respacing)
+        diffusion = create_diffusion(respacing, **(diffusion_args or {}))
     except ValueError as e:
         raise cli.UserError(f"--num-sampling-steps {steps} does not work with --sampler {name}: {e}") from None
     if name == "dpm-solver" and steps > diffusion.num_timesteps:
@@ -150,6 +157,10 @@ def make_sampler(name, steps):
 
 
 def check_cfg_scale(cfg_scale):
+    """Refuse nan/inf (every image would come out blank); warn below 1."""
+    if not np.isfinite(cfg_scale):
+        raise cli.UserError(f"--cfg-scale must be a finite number, got {cfg_scale}; use 1 for no guidance, "
+                            f"1.5 (the paper's FID setting) or 4 (its visuals)")
     if cfg_scale < 1:
         warnings.warn(f"--cfg-scale {cfg_scale} is below 1: guidance then pushes samples away from their class "
                       f"(1 = no guidance, the paper uses 1.5 for FID and 4 for visuals)", stacklevel=2)

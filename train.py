@@ -164,10 +164,23 @@ def check_numbers(args):
         value = getattr(args, flag.replace("-", "_"))
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
             raise cli.UserError(f"--{flag} {value} is out of range: it must be {wanted}")
-    if args.eval_every and (not args.eval_ref or not os.path.isfile(args.eval_ref)):
-        raise cli.UserError(f"--eval-every needs --eval-ref pointing at a reference .npz (got {args.eval_ref!r})")
+    if args.eval_every:
+        check_eval_ref(args)
     if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
         raise cli.UserError(f"--results-dir {args.results_dir!r} is a file, not a folder; pass another path")
+
+
+def check_eval_ref(args):
+    """--eval-ref exists and, when it holds images, at the resolution this run samples."""
+    import evaluate  # lazily: only runs that ask for FID need it
+
+    if not args.eval_ref or not os.path.isfile(args.eval_ref):
+        raise cli.UserError(f"--eval-every needs --eval-ref pointing at a reference .npz (got {args.eval_ref!r})")
+    if "arr_0" in evaluate.npz_keys(args.eval_ref, "--eval-ref"):
+        shape = evaluate.npz_image_shape(args.eval_ref, "--eval-ref")
+        if tuple(shape[1:3]) != (args.image_size, args.image_size):
+            raise cli.UserError(f"--eval-ref {args.eval_ref} holds {shape[1]}x{shape[2]} images but this run samples "
+                                f"{args.image_size}x{args.image_size}; use a reference batch at --image-size")
 
 
 def local_batch_size(global_batch_size, world_size):
@@ -260,15 +273,6 @@ def step_of(path):
     return int(os.path.basename(path)[:7])
 
 
-def broadcast(value, world_size):
-    """Rank 0's value on every rank."""
-    if world_size > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
 def make_logger(experiment_dir, rank):
     logger = logging.getLogger("dit.train")
     logger.handlers.clear()
@@ -340,7 +344,7 @@ def build_state(run):
     args = run.args
     torch.manual_seed(args.global_seed)
     model_args = model_args_for(args.model, input_size=args.input_size, in_channels=args.in_channels,
-                                num_classes=args.num_classes)
+                                num_classes=args.num_classes, **cli.model_variant_args(args))
     model = checkpoint.build_model(model_args).to(run.device)
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -391,7 +395,7 @@ def open_experiment(run, resume, state):
         for checkpoints in (d for d in ours if d and os.path.basename(d) == "checkpoints"):
             for path in files.remove_stale_temp_files(checkpoints):
                 print(f"removed {path}, left by a checkpoint save that was cut off", file=sys.stderr)
-    run.experiment_dir = broadcast(folder if run.rank == 0 else None, run.world_size)
+    run.experiment_dir = distributed.broadcast(folder if run.rank == 0 else None)
     run.logger = make_logger(run.experiment_dir, run.rank)
     if run.rank == 0:
         run.metrics_log = metrics.MetricsLog(run.experiment_dir, args.logger, run_name=os.path.basename(
@@ -666,7 +670,7 @@ def train(run):
 def start_resume(run):
     """Rank 0 picks the checkpoint and folder; the others load the same checkpoint."""
     resume = find_resume(run.args) if run.rank == 0 else Resume()
-    path, folder, note = broadcast((resume.path, resume.experiment_dir, resume.note), run.world_size)
+    path, folder, note = distributed.broadcast((resume.path, resume.experiment_dir, resume.note))
     if run.rank != 0 and path:
         resume = Resume(path, checkpoint.load_train(path), folder, note)
     return resume

@@ -2,8 +2,10 @@
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import cli
 import digits
 
 
@@ -41,3 +43,16 @@ def test_quality_figure_accepts_channels_last_rgb():
     scorer = digits.DigitScorer()
     rgb = np.repeat(images[:200, :, :, None], 3, axis=-1)
     assert scorer.score(rgb, labels[:200])["accuracy"] > 0.95
+
+
+def test_score_refuses_nothing_to_score_in_one_line_before_sampling(tmp_path, capsys):
+    """The checkpoint does not exist: an error about it would mean the check came too late."""
+    missing = str(tmp_path / "missing.pt")
+    for extra, flag in ((["--per-class", "0"], "--per-class"), (["--batch-size", "0"], "--batch-size"),
+                        (["--cfg-scale", "nan"], "--cfg-scale")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(lambda: digits.main(["score", "--ckpt", missing, *extra]))
+        err = capsys.readouterr().err.strip().splitlines()
+        # Our one line, or argparse's usage followed by its one error line.
+        assert e.value.code == 2 and "error: " in err[-1] and flag in err[-1], err
+        assert len(err) == 1 or err[0].startswith("usage:"), err

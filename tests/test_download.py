@@ -1,5 +1,6 @@
 """download.py: released weights from a loopback HTTP server (resume after a cut, restart when the
 server cannot resume, no network), train.py checkpoints, and refusal of pickled code."""
+import hashlib
 import http.server
 import os
 import pickle
@@ -9,6 +10,7 @@ import threading
 import pytest
 import torch
 
+import cli
 import download
 
 NAME = "DiT-XL-2-256x256.pt"
@@ -151,11 +153,15 @@ def test_download_script_fetches_all_released_weights(serve, weights, capsys):
 
 
 def test_train_checkpoint_yields_ema_weights_and_args(tmp_path):
+    import checkpoint
+
     ema, model = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
     torch.save({"model": model, "ema": ema, "opt": {}, "args": {"model": "DiT-S/2", "image_size": 256},
                 "train_steps": 5, "epoch": 0}, tmp_path / "ckpt.pt")
-    state_dict, args = download.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert torch.equal(state_dict["w"], ema["w"]) and args["image_size"] == 256
+    loaded = checkpoint.load(str(tmp_path / "ckpt.pt"))
+    assert torch.equal(loaded.state_dict["w"], ema["w"]) and loaded.settings["image_size"] == 256
+    # A checkpoint of the format before model_args: rebuilt from its stored --model and sizes.
+    assert loaded.model_args == checkpoint.model_args_for("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
     assert torch.equal(download.find_model(str(tmp_path / "ckpt.pt"))["w"], ema["w"])
 
 
@@ -179,3 +185,45 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
     # Unpickling the payload with plain pickle does run its code: the marker test is live.
     pickle.loads(pickle.dumps(Payload(str(marker))))
     assert marker.exists()
+
+
+def test_download_script_takes_the_config_name_as_tutorials_write_it(serve, weights):
+    _, payload = weights
+    server = serve(payload)
+    download.main(["DiT-XL/2", "--dir", "both"])
+    assert sorted(os.listdir("both")) == sorted(download.RELEASED_MODELS)
+    download.main(["DiT-XL/2", "--image-size", "512", "--dir", "one"])
+    assert os.listdir("one") == ["DiT-XL-2-512x512.pt"]
+    download.main(["DiT-XL-2-256x256.pt", "--dir", "file"])  # the file-name form keeps working
+    assert os.listdir("file") == ["DiT-XL-2-256x256.pt"]
+    assert len(server.requests) == 4
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["DiT-B/2"], ["'DiT-B/2'", "DiT-XL/2", "--image-size", "DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"]),
+    (["DiT-XL-2-256x256.pt", "nonsense"], ["'nonsense'", "DiT-XL/2"]),
+    (["DiT-XL-2-256x256.pt", "--image-size", "512"], ["DiT-XL-2-256x256.pt", "--image-size 512"]),
+])
+def test_download_script_refuses_unknown_names_in_one_line_before_fetching(serve, weights, capsys, argv,
+                                                                           expected):
+    server = serve(weights[1])
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: download.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for text in expected:
+        assert text in err, err
+    assert server.requests == [] and not os.path.exists("pretrained_models")
+
+
+def test_checkpoint_hash_streams_files_and_resolves_released_names(serve, weights, tmp_path, monkeypatch):
+    _, payload = weights
+    serve(payload)
+    monkeypatch.setattr(download, "CHUNK", 1000)  # many chunks: the digest must still be the whole file's
+    assert download.checkpoint_sha256(NAME) == hashlib.sha256(payload).hexdigest()  # downloaded first
+    os.makedirs("folder/sub")
+    (tmp_path / "folder" / "sub" / "a.bin").write_bytes(b"abc")
+    before = download.checkpoint_sha256("folder")
+    (tmp_path / "folder" / "sub" / "a.bin").write_bytes(b"abd")
+    assert download.checkpoint_sha256("folder") != before
+    assert download.checkpoint_sha256("facebook/DiT-XL-2-256") is None  # a hub id: no local file to hash

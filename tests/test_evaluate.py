@@ -366,10 +366,12 @@ def test_command_line_end_to_end(tmp_path, fake_torch_home):
     ref = write_batch(tmp_path / "ref.npz", images(4, seed=11, size=24))
     sam = write_batch(tmp_path / "samples.npz", images(4, seed=12, size=32, low=40))
     env = {**os.environ, "TORCH_HOME": fake_torch_home, "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), ref, sam, "--device", "cpu", "--batch-size", "4"]
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), ref, sam, "--device", "cpu", "--batch-size", "4",
+           "--allow-size-mismatch"]  # 24 px against 32 px: both resized to 299 px, with a warning
     run = subprocess.run(cmd + ["--metrics", "is,precision,recall"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
+    assert "24x24 images but the samples are 32x32" in run.stderr
     out = json.loads((tmp_path / "samples_metrics.json").read_text())
     for key, label in [("inception_score", "Inception Score"), ("precision", "Precision"), ("recall", "Recall")]:
         assert np.isfinite(out[key]) and f"{label}: {out[key]}" in run.stdout
@@ -384,3 +386,31 @@ def test_command_line_end_to_end(tmp_path, fake_torch_home):
     second = json.loads((tmp_path / "m.json").read_text())
     assert second["inception_score"] == pytest.approx(out["inception_score"]) and "precision" not in second
     assert second["recall"] == pytest.approx(out["recall"])
+
+
+# --- references and samples of other image sizes ---------------------------------------------
+
+
+def test_other_resolution_than_the_reference_is_refused_before_any_network(tmp_path, capsys, offline):
+    """32 px references against 64 px samples: one line naming both sizes and the override."""
+    ref = write_batch(tmp_path / "ref.npz", images(4, size=32))
+    sam = write_batch(tmp_path / "sam.npz", images(4, size=64))
+    code, err = run_main([ref, sam, "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "32x32" in err and "64x64" in err and "--allow-size-mismatch" in err
+    # statistics-only references carry no size: only stored mu/sigma are compared
+    stats_only = write_batch(tmp_path / "stats.npz", mu=np.zeros(16), sigma=np.eye(16))
+    out = evaluate.compute_metrics(stats_only, sam, metrics=("fid",), feature_extractor=TinyFeatures(cache_key=None))
+    assert np.isfinite(out["fid"])
+
+
+def test_other_resolution_is_scored_with_a_warning_when_allowed(tmp_path):
+    ref = write_batch(tmp_path / "ref.npz", images(12, size=32, seed=1))
+    sam = images(10, size=64, seed=2)
+    extractor = TinyFeatures(cache_key=None)
+    with pytest.raises(ValueError, match="--allow-size-mismatch"):
+        evaluate.compute_metrics(ref, sam, feature_extractor=extractor)
+    assert extractor.images_seen == 0
+    with pytest.warns(UserWarning, match="32x32 images but the samples are 64x64"):
+        out = evaluate.compute_metrics(ref, sam, feature_extractor=extractor, allow_size_mismatch=True)
+    assert extractor.images_seen == 22 and out["fid"] > 0

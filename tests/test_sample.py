@@ -190,11 +190,11 @@ def test_bad_input_gives_one_line_errors(tmp_path, pixel_ckpt, capsys):
         (["--sampler", "ddim", "--num-sampling-steps", "300"], ["300", "ddim", '"ddimN"', "comma-separated"]),
         (["--num-sampling-steps", "0"], ["at least 1"]),
         (["--image-size", "16"], ["checkpoint", "input 8x8x1", "input 16x16x1", "--image-size"]),
-        (["--model", "DiT-Q/2"], ["unknown model 'DiT-Q/2'", "DiT-XL/2", "DiT-S/8"]),
+        (["--model", "DiT-Q/2"], ["'DiT-Q/2'", "DiT-XL/2", "DiT-S/8"]),
     ]
     for extra, expected in cases:
         code, err = run_cli(sample.main, base + extra, capsys)
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        lines = [line for line in err.splitlines() if "error:" in line]  # ours, or argparse's after its usage
         assert code == 2 and len(lines) == 1, (extra, err)
         for text in expected:
             assert text in lines[0], (extra, lines[0])
@@ -217,3 +217,52 @@ def test_checkpoint_with_pickled_code_is_refused_by_sample_py(tmp_path, capsys):
                         capsys)
     assert code == 2 and "refused" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_class_labels_as_separate_arguments_quoted_or_with_commas(tmp_path, pixel_ckpt):
+    """The tutorials' `--class-labels 207 360 ...` (separate arguments) and the quoted forms agree."""
+    base = ["--ckpt", pixel_ckpt, "--num-sampling-steps", "2", "--seed", "4", "--output", str(tmp_path / "x.png")]
+    separate = sample.main(base + ["--class-labels", "3", "1", "4"])
+    assert separate.shape[0] == 3
+    np.testing.assert_array_equal(sample.main(base + ["--class-labels", "3 1 4"]), separate)
+    np.testing.assert_array_equal(sample.main(base + ["--class-labels", "3,1,4"]), separate)
+    assert (sample.main(base + ["--class-labels", "3", "1", "5"])[2] != separate[2]).any()  # the labels count
+
+
+def one_error_line(main, argv, capsys):
+    """(exit code, the one error line) of a command-line run; argparse's own errors count too."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: main(argv))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return e.value.code, lines[0]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--cfg-scale", "nan"], ["--cfg-scale", "finite"]),
+    (["--cfg-scale", "inf"], ["--cfg-scale", "finite"]),
+    (["--image-size", "-8"], ["--image-size", "-8"]),
+    (["--image-size", "0"], ["--image-size", "0"]),
+    (["--nrow", "0"], ["--nrow", "at least 1"]),
+    (["--vae-batch-size", "0"], ["--vae-batch-size", "at least 1"]),
+    (["--output", "grid.xyz"], ["--output", ".xyz", ".png"]),
+    (["--output", "grid"], ["--output", "no extension"]),
+    (["--output", "{file}/grid.png"], ["--output", "{file}", "is a file, not a folder"]),
+    (["--output", "{file}/sub/grid.png"], ["--output", "cannot write", "{file}"]),
+])
+def test_values_that_would_fail_after_sampling_are_refused_first(tmp_path, capsys, extra, expected):
+    """The checkpoint does not exist: an error about it would mean the check came too late."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the output folder should be")
+    extra = [x.replace("{file}", str(blocker)) for x in extra]
+    code, line = one_error_line(sample.main, ["--ckpt", str(tmp_path / "missing.pt"), "--output",
+                                              str(tmp_path / "x.png"), *extra], capsys)
+    assert code == 2
+    for text in expected:
+        assert text.replace("{file}", str(blocker)) in line, line
+
+
+def test_nonfinite_cfg_scale_is_refused_from_python_too():
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(cli.UserError, match="finite"):
+            sampling.check_cfg_scale(value)

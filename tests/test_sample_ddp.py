@@ -1,6 +1,8 @@
 """sample_ddp.py: 1 and 2 processes (torchrun, gloo) write the same .npz, a resumed run completes
 the same set, labels are uniform or balanced, and a folder made with other settings is refused."""
 import glob
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -111,3 +113,59 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, pixel_ckpt, cap
         cli.run(lambda: sample_ddp.main(argv + ["--no-tf32"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other settings" in err and "precision" in err
+
+
+def test_rerun_with_other_weights_behind_the_same_path_is_refused(tmp_path, capsys):
+    """An interrupted run, then the file at --ckpt replaced (e.g. a newer last.pt): the rerun must not
+    fill the gaps with the new weights' samples."""
+    ckpt = tmp_path / "last.pt"
+    tiny_dit.write_checkpoint(ckpt, image_size=8, vae="none", in_channels=1, seed=0)
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--num-fid-samples", "3", "--num-sampling-steps", "2",
+            "--sample-dir", str(tmp_path / "samples")]
+    folder = sample_ddp.main(argv)[:-len(".npz")]
+    first_weights = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    os.remove(os.path.join(folder, "000001.png"))  # the run was interrupted here
+    tiny_dit.write_checkpoint(ckpt, image_size=8, vae="none", in_channels=1, seed=1)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sample_ddp.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other settings" in err and "ckpt_sha256" in err
+    assert not os.path.exists(os.path.join(folder, "000001.png"))
+    with open(folder + ".json") as f:
+        assert json.load(f).get("ckpt_sha256") == first_weights  # the record still describes the samples
+
+
+def test_json_of_an_older_version_without_the_hash_is_completed_with_a_warning(tmp_path, pixel_ckpt):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "2", "--num-sampling-steps", "2",
+            "--sample-dir", str(tmp_path)]
+    folder = sample_ddp.main(argv)[:-len(".npz")]
+    with open(folder + ".json") as f:
+        record = json.load(f)
+    del record["ckpt_sha256"]
+    with open(folder + ".json", "w") as f:
+        json.dump(record, f)
+    os.remove(os.path.join(folder, "000000.png"))
+    with pytest.warns(UserWarning, match="does not record ckpt_sha256"):
+        sample_ddp.main(argv)
+    assert os.path.exists(os.path.join(folder, "000000.png"))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--cfg-scale", "nan"], ["--cfg-scale", "finite"]),
+    (["--image-size", "-8"], ["--image-size", "-8"]),
+    (["--image-size", "0"], ["--image-size", "0"]),
+    (["--vae-batch-size", "0"], ["--vae-batch-size", "at least 1"]),
+    (["--sample-dir", "{file}/samples"], ["--sample-dir", "cannot write", "{file}"]),
+])
+def test_values_that_would_fail_after_sampling_are_refused_first(tmp_path, capsys, extra, expected):
+    """The checkpoint does not exist: an error about it would mean the check came too late."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the sample folder should be")
+    extra = [x.replace("{file}", str(blocker)) for x in extra]
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sample_ddp.main(["--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu",
+                                         "--sample-dir", str(tmp_path / "out"), *extra]))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(lines) == 1, lines
+    for text in expected:
+        assert text.replace("{file}", str(blocker)) in lines[0], lines[0]

@@ -298,3 +298,11 @@ def test_tensorboard_logger_gets_the_metrics_and_grids(pixels, tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in logged] == [1, 2]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
     assert [e.step for e in events.Images("samples")] == [2]
+
+
+def test_eval_ref_at_another_resolution_is_refused_up_front(pixels, tmp_path, capsys):
+    ref = tmp_path / "ref32.npz"
+    np.savez(ref, np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, "--eval-every", 2, "--eval-ref", ref), capsys)
+    assert "32x32 images but this run samples 8x8" in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / EXPERIMENT)
