@@ -43,7 +43,7 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS on Linux
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="DiT-S/2")
     parser.add_argument("--image-size", type=int, default=256)
@@ -59,8 +59,30 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def matmul_flops(model, batch_size, precision, device, warmup, iters):
+    """The ceiling: FLOP/s of a plain matmul of the MLP's first layer at the same token count."""
+    hidden = model.pos_embed.shape[-1]
+    tokens = batch_size * model.pos_embed.shape[1]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(hidden, 4 * hidden, device=device, dtype=dtype)
+    seconds = timed(lambda: torch.mm(a, w), device, warmup, iters * 4)
+    print(f"plain torch.mm ({tokens}x{hidden} @ {hidden}x{4 * hidden}): "
+          f"{2 * tokens * hidden * 4 * hidden / seconds / 1e9:.1f} GFLOP/s")
+    return 2 * tokens * hidden * 4 * hidden / seconds
+
+
+def counted_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -85,28 +107,14 @@ def main():
             out = step(x, t, y)
         out.float().square().mean().backward()
 
-    with FlopCounterMode(display=False) as counter:
-        forward()
-    fwd_flops = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        forward_backward()
-    fwd_bwd_flops = counter.get_total_flops()
+    fwd_flops, fwd_bwd_flops = counted_flops(forward), counted_flops(forward_backward)
     model.zero_grad(set_to_none=True)
-
-    # The ceiling: a plain matmul of the MLP's first layer at the same token count and precision.
-    hidden = model.pos_embed.shape[-1]
-    tokens = b * model.pos_embed.shape[1]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
-    a = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    w = torch.randn(hidden, 4 * hidden, device=device, dtype=dtype)
-    mm_time = timed(lambda: torch.mm(a, w), device, args.warmup, args.iters * 4)
-    mm_flops = 2 * tokens * hidden * 4 * hidden / mm_time
 
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} input {size}x{size}x{args.in_channels}, {params / 1e6:.1f}M params, batch {b}, "
           f"{args.precision}, device {device}, threads {torch.get_num_threads()}"
           f"{', grad checkpointing' if args.grad_checkpointing else ''}{', compiled' if args.compile else ''}")
-    print(f"plain torch.mm ({tokens}x{hidden} @ {hidden}x{4 * hidden}): {mm_flops / 1e9:.1f} GFLOP/s")
+    mm_flops = matmul_flops(model, b, args.precision, device, args.warmup, args.iters)
     for name, fn, flops in (("forward", forward, fwd_flops), ("forward+backward", forward_backward, fwd_bwd_flops)):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -69,7 +69,7 @@ def fit_tiny_digits_model(steps, seed=0, batch_size=64, lr=1e-3):
     return ema.eval()
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="a train.py checkpoint (default: fit a tiny digits DiT)")
     parser.add_argument("--fit-steps", type=int, default=2000)
@@ -80,13 +80,15 @@ def main(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    torch.set_grad_enabled(True)
+    return parser.parse_args(argv)
 
+
+def load_or_fit(args, device):
+    """(model, decode, shape, num_classes, name): from --ckpt, else a tiny digits DiT (cached)."""
     if args.ckpt:
-        model, settings = sampling.load_model(argparse.Namespace(model=None, image_size=None, num_classes=None,
-                                                                 vae=None, vae_path=None, ckpt=args.ckpt), device)
+        flags = argparse.Namespace(model=None, image_size=None, num_classes=None, vae=None, vae_path=None,
+                                   ckpt=args.ckpt)
+        model, settings = sampling.load_model(flags, device)
         decode = sampling.load_decoder(settings, device)
         shape = (settings.in_channels, settings.latent_size, settings.latent_size)
         num_classes, name = settings.num_classes, args.ckpt
@@ -105,6 +107,23 @@ def main(argv=None):
         model = model.to(device).eval()
         decode, shape, num_classes = (lambda x: x), (1, 8, 8), 10
         name = f"tiny digits DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
+    return model, decode, shape, num_classes, name
+
+
+def print_table(rows):
+    ddpm = rows[0]["s_per_image"]
+    print(f"\n{'sampler':<16}{'s/image':>10}{'vs ddpm-250':>13}{'ode_rmse':>10}{'accuracy':>10}{'fd':>8}")
+    for row in rows:
+        print(f"{row['sampler']:<16}{row['s_per_image']:>10.5f}{ddpm / row['s_per_image']:>12.1f}x"
+              f"{row.get('ode_rmse', float('nan')):>10.4f}{row.get('accuracy', float('nan')):>10.3f}"
+              f"{row.get('fd', float('nan')):>8.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_grad_enabled(True)
+    model, decode, shape, num_classes, name = load_or_fit(args, device)
     torch.set_grad_enabled(False)
 
     labels = [i % num_classes for i in range(args.num_images)]
@@ -147,12 +166,7 @@ def main(argv=None):
         score = scorer.score(cli.to_uint8(reference), labels)
         print(f"  reference ddim-1000: accuracy {score['accuracy']:.4g} fd {score['frechet_distance']:.4g}",
               file=sys.stderr)
-    ddpm = rows[0]["s_per_image"]
-    print(f"\n{'sampler':<16}{'s/image':>10}{'vs ddpm-250':>13}{'ode_rmse':>10}{'accuracy':>10}{'fd':>8}")
-    for row in rows:
-        print(f"{row['sampler']:<16}{row['s_per_image']:>10.5f}{ddpm / row['s_per_image']:>12.1f}x"
-              f"{row.get('ode_rmse', float('nan')):>10.4f}{row.get('accuracy', float('nan')):>10.3f}"
-              f"{row.get('fd', float('nan')):>8.2f}")
+    print_table(rows)
     return rows
 
 

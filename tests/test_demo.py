@@ -4,11 +4,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_short_demo_end_to_end(tmp_path):
     env = dict(os.environ, DEMO_STEPS="6", DEMO_OUT=str(tmp_path / "out"), DEMO_DATA=str(tmp_path / "digits"),
                DEMO_PER_CLASS="3", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])

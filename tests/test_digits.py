@@ -22,6 +22,7 @@ def test_prepare_writes_an_image_folder(tmp_path):
     assert len([f for c in classes for f in os.listdir(out / c)]) == 1797
 
 
+@pytest.mark.slow
 def test_quality_figure_real_digits_versus_noise():
     images, labels = digits.load_real_digits()
     fit = np.arange(len(images)) % 2 == 0

@@ -359,6 +359,7 @@ def test_features_are_read_where_adm_reads_them(fake_torch_home, monkeypatch):
         assert not torch.allclose(feats["logits"], net.fc(feats["pool"]))
 
 
+@pytest.mark.slow
 def test_command_line_end_to_end(tmp_path, fake_torch_home):
     # FID and sFID are left out here: with 4 images their 2048-d covariances are singular (the matrix root
     # fails, as in ADM), and one 2048-d sqrtm takes tens of seconds on a small CPU; the FID path is tested

@@ -90,6 +90,7 @@ def test_interrupted_extraction_resumes(setup, tmp_path, capsys):
     assert "(image_size differ)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_features_train_like_on_the_fly_encoding(setup, tmp_path):
     assert run_main(latent_args(tmp_path / "features", "--feature-path", setup["features"])) is None
     assert run_main(latent_args(tmp_path / "fly", "--data-path", setup["images"], "--vae-path",

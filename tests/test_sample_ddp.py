@@ -62,6 +62,7 @@ def test_one_process_writes_exactly_n_samples_and_settings(single):
     assert os.path.exists(folder + ".json")
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_npz(latent_setup, single):
     """torchrun with 2 gloo processes, the VAE found offline under its hub id."""
     root, env, _ = latent_setup

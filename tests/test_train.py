@@ -54,6 +54,7 @@ def test_reference_run_layout(reference):
     assert 0 < ema["final_layer.linear.weight"].abs().max() < 0.01 * moved
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(pixels, reference, tmp_path):
     torchrun("train.py", *pixel_args(pixels, tmp_path, "--max-steps", STEPS, "--sample-every", STEPS,
                                      "--num-sampling-steps", 4, "--keep-last", 1))
@@ -68,6 +69,7 @@ def test_two_processes_match_one(pixels, reference, tmp_path):
     assert grid.width > 8 * 64 and grid.height >= 64  # eight enlarged 8x8 samples in a row
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_is_exact(pixels, reference, tmp_path):
     cmd = [sys.executable, "tests/tiny_dit.py", "train.py", *pixel_args(pixels, tmp_path, "--max-steps", 100_000)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
