@@ -302,3 +302,36 @@ def test_share_cpu_threads_leaves_a_lone_process_and_gpus_alone(monkeypatch, res
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     distributed.share_cpu_threads(torch.device("cuda"), threads=6)
     assert torch.get_num_threads() == 2
+
+
+# ------------------------------------------------------------------ cli.run: one line for the user, tracebacks for bugs
+@pytest.mark.parametrize("error", [cli.UserError("--lr -1 is out of range"), FileNotFoundError("no such file x.pt"),
+                                   OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_run_shortens_user_and_environment_errors(error, capsys):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("error", [ValueError("mat1 and mat2 shapes cannot be multiplied"), RuntimeError("boom"),
+                                   KeyError("weight"), OSError(5, "Input/output error")])
+def test_run_lets_bugs_keep_their_traceback(error):
+    def main():
+        raise error
+
+    with pytest.raises(type(error)):  # propagates: Python prints the whole traceback
+        cli.run(main)
+
+
+def test_run_names_cuda_out_of_memory(capsys):
+    def main():
+        raise cli.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(SystemExit):
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert "ran out of memory" in err and "batch size" in err and err.count("\n") == 1, err
