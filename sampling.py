@@ -1,6 +1,9 @@
 """What sample.py and sample_ddp.py share: the command-line flags for the model and sampler,
 building the DiT from --model/--ckpt (or a train.py checkpoint's stored args) and loading its
-weights, the three samplers with classifier-free guidance, and decoding latents to images.
+weights, the samplers with classifier-free guidance, and decoding latents to images. The
+samplers follow the checkpoint's training objective (its diffusion_args): ddpm, ddim and
+dpm-solver for eps and v models, euler, heun, dopri5 and sde for flow models (diffusion/flow.py);
+make_sampler refuses a sampler that does not fit, in one line.
 
 For use from Python (e.g. a quality check):
 
@@ -10,7 +13,7 @@ For use from Python (e.g. a quality check):
 or step by step:
 
     model, cfg = sampling.load_model(args, device)        # args: the flags below
-    sampler = sampling.make_sampler("dpm-solver", 25)
+    sampler = sampling.make_sampler("dpm-solver", 25, cfg.diffusion_args)   # None, None: the objective's default
     noise = torch.randn(len(labels), cfg.in_channels, cfg.latent_size, cfg.latent_size)
     latents = sampling.generate(model, sampler, labels, 4.0, noise)
     images = cli.to_uint8(sampling.load_decoder(cfg, device)(latents))   # N x H x W x C uint8
@@ -26,10 +29,11 @@ from tqdm.auto import tqdm
 import checkpoint
 import cli
 import vae as vae_lib
-from diffusion import create_diffusion
+from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
+from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import MODEL_SIZES, model_args_for
+from models import config_name, model_args_for
 
 SAMPLERS = cli.SAMPLERS
 
@@ -115,14 +119,6 @@ def _model_args_from_flags(args, loaded, vae):
     return model_args_for(args.model, input_size=32, in_channels=in_channels, num_classes=1000)
 
 
-def config_name(model_args):
-    """'DiT-XL/2' for the arguments of a named config, else a description."""
-    for size, (depth, hidden, heads) in MODEL_SIZES.items():
-        if (depth, hidden, heads) == (model_args["depth"], model_args["hidden_size"], model_args["num_heads"]):
-            return f"DiT-{size}/{model_args['patch_size']}"
-    return f"DiT-depth{model_args['depth']}-hidden{model_args['hidden_size']}/{model_args['patch_size']}"
-
-
 def load_decoder(settings, device, chunk_size=8):
     """latents -> images in [-1, 1]: the VAE decoder, or the identity for pixel-space models."""
     if settings.vae == "none":
@@ -131,29 +127,113 @@ def load_decoder(settings, device, chunk_size=8):
     return lambda latents: vae_lib.decode(vae, latents, chunk_size)
 
 
+# Steps of each fixed-step flow sampler when --num-sampling-steps is not given (the Gaussian ones
+# take the script's default); dopri5 chooses its own from the tolerances (steps recorded as 0).
+FLOW_STEPS = {"euler": 50, "heun": 16, "sde": 100}
+
+
 @dataclasses.dataclass
 class Sampler:
     name: str  # one of SAMPLERS
     steps: int
-    diffusion: object  # the respaced process (the full 1000-step one for the solver)
+    diffusion: object  # the respaced process (the full 1000-step one for the solver), or a LinearFlow
+    objective: str = "eps"  # what the model was trained with: eps, v or flow
+    cfg_interval: tuple = None  # (low, high): guidance only at noise levels inside it; None: everywhere
+    atol: float = None  # dopri5's tolerances
+    rtol: float = None
+    sde_diffusion: float = None  # sde: w(t) = sde_diffusion * t
+    nfe: int = 0  # model evaluations per sample in the last generate() call (a guided pair counts once)
+
+    def settings(self):
+        """What changes the images, for sample_ddp.py's record (None where it does not apply)."""
+        return {"sampler": self.name, "num_sampling_steps": self.steps, "atol": self.atol, "rtol": self.rtol,
+                "cfg_interval": list(self.cfg_interval) if self.cfg_interval else None,
+                "sde_diffusion": self.sde_diffusion}
 
 
-def make_sampler(name, steps, diffusion_args=None):
+def sampler_options(args):
+    """make_sampler's options from the flags of cli.add_sampler_flags (the script's defaults included)."""
+    return dict(default=(getattr(args, "default_sampler", "ddpm"), getattr(args, "default_sampling_steps", 250)),
+                cfg_interval=getattr(args, "cfg_interval", None), atol=getattr(args, "atol", 1e-6),
+                rtol=getattr(args, "rtol", 1e-3), sde_diffusion=getattr(args, "sde_diffusion", 1.0))
+
+
+def make_sampler(name, steps, diffusion_args=None, *, default=("ddpm", 250), cfg_interval=None, atol=1e-6,
+                 rtol=1e-3, sde_diffusion=1.0):
     """ddpm: str(steps) respacing; ddim: ddim{steps}; dpm-solver: its own grid over the training
-    steps. diffusion_args: the process the model was trained with (a checkpoint records them)."""
-    if name not in SAMPLERS:
-        raise cli.UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if steps < 1:
+    steps; euler, heun, sde: `steps` equal steps in t; dopri5: adaptive. diffusion_args: the
+    process the model was trained with (a checkpoint records them). name / steps None: the
+    objective's default, `default` (name, steps) for eps and v, heun and FLOW_STEPS for flow."""
+    objective = _objective(diffusion_args)
+    name, steps = _resolve(name, steps, objective, default)
+    check_sampler_fits(name, objective)
+    if steps < 1 and name != "dopri5":
         raise cli.UserError(f"--num-sampling-steps must be at least 1, got {steps}")
+    _check_options(cfg_interval, atol, rtol, sde_diffusion)
+    if objective == "flow":
+        diffusion = create_process(diffusion_args)
+    else:
+        diffusion = _gaussian_process(name, steps, diffusion_args)
+    return Sampler(name, steps, diffusion, objective, tuple(cfg_interval) if cfg_interval else None,
+                   atol if name == "dopri5" else None, rtol if name == "dopri5" else None,
+                   sde_diffusion if name == "sde" else None)
+
+
+def _objective(diffusion_args):
+    try:
+        return objective_of(diffusion_args)
+    except ValueError as e:
+        raise cli.UserError(f"{e}; update the code") from None
+
+
+def _resolve(name, steps, objective, default):
+    """The sampler and step count, None meaning the objective's default."""
+    if name is not None and name not in SAMPLERS:
+        raise cli.UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name is None:
+        name = SAMPLERS_FOR["flow"][0] if objective == "flow" else default[0]
+    if name == "dopri5":
+        if steps is not None:
+            raise cli.UserError(f"--num-sampling-steps {steps} does not apply to dopri5, which picks its steps from "
+                                f"--atol and --rtol; drop it, or use --sampler heun for a fixed count")
+        return name, 0  # 0: adaptive
+    if steps is None:
+        steps = FLOW_STEPS[name] if name in FLOW_STEPS else default[1]
+    return name, steps
+
+
+def check_sampler_fits(name, objective):
+    """One line when the sampler cannot sample a model trained with `objective`."""
+    if name in SAMPLERS_FOR[objective]:
+        return
+    needs = " or ".join(o for o in SAMPLERS_FOR if name in SAMPLERS_FOR[o])  # "eps or v", "flow"
+    choices = SAMPLERS_FOR[objective]
+    raise cli.UserError(f"--sampler {name} needs {'an' if needs[0] in 'aeiou' else 'a'} {needs} checkpoint; this "
+                        f"one was trained with {objective}: use {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def _check_options(cfg_interval, atol, rtol, sde_diffusion):
+    if cfg_interval is not None:
+        low, high = cfg_interval
+        if not 0 <= low <= high <= 1:
+            raise cli.UserError(f"--cfg-interval {low} {high} must be two noise levels with 0 <= LOW <= HIGH <= 1 "
+                                f"(t for flow, timestep/1000 for eps and v), e.g. 0.2 0.8")
+    if not (atol > 0 and rtol > 0):
+        raise cli.UserError(f"--atol {atol} and --rtol {rtol} must be positive, e.g. 1e-6 and 1e-3")
+    if not sde_diffusion >= 0:
+        raise cli.UserError(f"--sde-diffusion {sde_diffusion} must be 0 (no noise: euler) or more, e.g. 1.0")
+
+
+def _gaussian_process(name, steps, diffusion_args):
     respacing = {"ddpm": str(steps), "ddim": f"ddim{steps}", "dpm-solver": ""}[name]
     try:
-        diffusion = create_diffusion(respacing, **(diffusion_args or {}))
+        diffusion = create_process(diffusion_args, respacing)
     except ValueError as e:
         raise cli.UserError(f"--num-sampling-steps {steps} does not work with --sampler {name}: {e}") from None
     if name == "dpm-solver" and steps > diffusion.num_timesteps:
         raise cli.UserError(f"--num-sampling-steps {steps} exceeds the {diffusion.num_timesteps} steps of the "
                             f"process; use at most {diffusion.num_timesteps} (25 is typical)")
-    return Sampler(name, steps, diffusion)
+    return diffusion
 
 
 def check_cfg_scale(cfg_scale):
@@ -166,14 +246,37 @@ def check_cfg_scale(cfg_scale):
                       f"(1 = no guidance, the paper uses 1.5 for FID and 4 for visuals)", stacklevel=2)
 
 
-def _guided(model, cfg_scale, guide_all_channels, precision, device):
-    """The model function the samplers call, with guidance and autocast, returning float32."""
+def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None):
+    """The model function the samplers call, with guidance and autocast, returning float32.
+    With cfg_interval, steps whose noise level is outside it run the conditional half alone
+    (its prediction serves both halves of the doubled batch)."""
     def forward(x, t, y):
         with cli.autocast(precision, device):
             if cfg_scale == 1:
                 return model(x, t, y).float()
+            if cfg_interval is not None and not _guided_at(t, cfg_interval):
+                half = len(x) // 2
+                conditional = model(x[:half], t[:half], y[:half]).float()
+                return torch.cat([conditional, conditional])
             return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels).float()
     return forward
+
+
+def _guided_at(t, cfg_interval):
+    """Whether the step's noise level (the model's timestep input / 1000: t for flow, the original
+    timestep / 1000 for eps and v) is inside [low, high]. Reads one value to the host."""
+    level = float(t[0]) / TIMESTEP_SCALE
+    return cfg_interval[0] <= level <= cfg_interval[1]
+
+
+def _counted(forward, sampler):
+    """forward, counting its calls into sampler.nfe."""
+    sampler.nfe = 0
+
+    def call(*args, **kwargs):
+        sampler.nfe += 1
+        return forward(*args, **kwargs)
+    return call
 
 
 @torch.no_grad()
@@ -182,9 +285,11 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     """Latents (n, C, H, W) for `labels` starting from `noise` (n, C, H, W).
 
     With guidance the batch is doubled as in the original ([noise, noise], [labels, null]);
-    cfg_scale == 1 runs the plain conditional model on n samples. The ddpm sampler draws its
-    per-step noise from the global RNG, exactly as the original sample.py, unless `step_noise`
-    is given: a function returning the next (n, C, H, W) noise (per-sample seeded streams)."""
+    cfg_scale == 1 runs the plain conditional model on n samples. The ddpm and sde samplers draw
+    their per-step noise from the global RNG (ddpm exactly as the original sample.py) unless
+    `step_noise` is given: a function returning the next (n, C, H, W) noise (per-sample seeded
+    streams; dopri5 then also solves each sample on its own steps). sampler.nfe counts the model
+    evaluations per sample."""
     device = noise.device
     n = len(labels)
     y = torch.as_tensor(labels, device=device, dtype=torch.long)
@@ -194,10 +299,13 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     if cfg_scale != 1:
         z = torch.cat([noise, noise], 0)
         y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)
-    forward = _guided(model, cfg_scale, guide_all_channels, precision, device)
+    forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval),
+                       sampler)
     kwargs = dict(y=y)
 
-    if sampler.name == "ddpm" and step_noise is None:
+    if sampler.objective == "flow":
+        out = _flow_sample(sampler, forward, z, y, n, step_noise, progress)
+    elif sampler.name == "ddpm" and step_noise is None:
         out = sampler.diffusion.p_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
                                               progress=progress, device=device)
     elif sampler.name == "ddpm":
@@ -206,8 +314,49 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
         out = sampler.diffusion.ddim_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
                                                  progress=progress, device=device, eta=0.0)
     else:
-        out = dpm_solver_sample_loop(forward, z, sampler.diffusion.betas, sampler.steps, kwargs, progress)
+        prediction = "v_prediction" if sampler.objective == "v" else "epsilon"
+        out = dpm_solver_sample_loop(forward, z, sampler.diffusion.betas, sampler.steps, kwargs, progress,
+                                     prediction_type=prediction)
     return out[:n]
+
+
+def _noise_source(z, n, step_noise):
+    """The next per-step noise for the (maybe doubled) batch z: step_noise()'s n draws, repeated for
+    the guided half, or the global RNG."""
+    if step_noise is None:
+        return lambda: torch.randn_like(z)
+    return lambda: step_noise().to(z.device).repeat(len(z) // n, 1, 1, 1)
+
+
+def _flow_sample(sampler, forward, z, y, n, step_noise, progress):
+    """Integrate the flow model's ODE (or SDE) from z at t = 1 to t = 0 (z, y: n samples, or the
+    guided 2n)."""
+    velocity = _velocity(forward, y, z.shape[1])
+    if sampler.name == "euler":
+        return flow.euler_sample(velocity, z, sampler.steps, progress)
+    if sampler.name == "heun":
+        return flow.heun_sample(velocity, z, sampler.steps, progress)
+    if sampler.name == "sde":
+        return flow.sde_sample(velocity, z, sampler.steps, sampler.sde_diffusion, _noise_source(z, n, step_noise),
+                               progress)
+    if step_noise is None:
+        return flow.dopri5_sample(velocity, z, sampler.atol, sampler.rtol)
+    # Seeded mode (sample_ddp.py, generate_from_checkpoint) promises samples that do not depend on
+    # their batch; an adaptive step size shared by a batch would. So each sample (with its guided
+    # twin) is solved on its own steps: batch-1 model calls, the price of that promise.
+    out = torch.empty_like(z)
+    for i in range(n):
+        out[i::n] = flow.dopri5_sample(_velocity(forward, y[i::n], z.shape[1]), z[i::n], sampler.atol, sampler.rtol)
+    sampler.nfe = round(sampler.nfe / n)  # per sample, as for the other samplers
+    return out
+
+
+def _velocity(forward, y, channels):
+    """velocity(x, t) for the flow integrators: t a float, or a 0-d tensor (dopri5); the model sees t * 1000."""
+    def velocity(x, t):
+        timesteps = torch.as_tensor(t, dtype=torch.float32, device=x.device).mul(TIMESTEP_SCALE).expand(len(x))
+        return forward(x, timesteps, y)[:, :channels]
+    return velocity
 
 
 def _ddpm_seeded(diffusion, forward, x, kwargs, step_noise, n, progress):
@@ -226,10 +375,14 @@ def _ddpm_seeded(diffusion, forward, x, kwargs, step_noise, n, progress):
     return x
 
 
-def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler="dpm-solver", num_sampling_steps=25, seed=0,
+def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_sampling_steps=None, seed=0,
                              batch_size=256, device="cpu", guide_all_channels=False, precision="fp32",
-                             vae=None, vae_path=None, progress=False):
+                             vae=None, vae_path=None, progress=False, return_sampler=False, **sampler_options):
     """N x H x W x C uint8 images for `labels` from a checkpoint (model settings from its stored args).
+
+    sampler / num_sampling_steps None: the checkpoint objective's default (dpm-solver 25 for eps
+    and v unless sampler_options' `default` says otherwise); sampler_options: make_sampler's.
+    With return_sampler, (images, the Sampler used: its name, steps and nfe).
 
     Sample i draws its noise from a generator seeded with (seed, i), as sample_ddp.py does, so
     the images depend on the seed and the labels only (up to rounding for another batch size)."""
@@ -237,7 +390,8 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler="dpm-solver", 
     args = argparse.Namespace(model=None, image_size=None, num_classes=None, vae=vae, vae_path=vae_path, ckpt=ckpt)
     model, settings = load_model(args, device)
     labels = cli.parse_class_labels(" ".join(str(int(y)) for y in labels), settings.num_classes)
-    chosen = make_sampler(sampler, num_sampling_steps)
+    chosen = make_sampler(sampler, num_sampling_steps, settings.diffusion_args,
+                          **{"default": ("dpm-solver", 25), **sampler_options})
     decode = load_decoder(settings, device)
     shape = (settings.in_channels, settings.latent_size, settings.latent_size)
     out = []
@@ -249,7 +403,8 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler="dpm-solver", 
                            guide_all_channels=guide_all_channels, precision=precision,
                            step_noise=lambda: draw(generators, shape))
         out.append(cli.to_uint8(decode(latents)))
-    return np.concatenate(out)
+    images = np.concatenate(out)
+    return (images, chosen) if return_sampler else images
 
 
 def seeded_generators(global_seed, indices):

@@ -1,0 +1,277 @@
+""".safetensors and diffusers checkpoints (checkpoint.py): round trips that keep every weight,
+the same numbers from diffusers' DiTTransformer2DModel / DiTPipeline as from our DiT, a hub id
+served from an offline Hugging Face cache, and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import cli
+import sample
+import sampling
+import tiny_dit
+import tiny_vae
+import vae as vae_lib
+from conftest import ROOT
+from conftest import assert_close_to_golden as assert_close  # rtol 1e-4, atol 1e-5 x magnitude
+
+tiny_dit.register()
+HUB_ID = "facebook/DiT-XL-2-256"  # the released weights' diffusers copy, faked by a tiny pipeline
+NULL = 1000  # DiTPipeline's null label: the exported DiT has 1000 classes
+
+
+@pytest.fixture(scope="module")
+def latent_ckpt(tmp_path_factory):
+    """A train.py checkpoint of a 4-channel, learned-sigma tiny DiT on 8x8 latents (64 px)."""
+    path = tmp_path_factory.mktemp("latent") / "tiny.pt"
+    tiny_dit.write_checkpoint(path, image_size=64, num_classes=1000)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    return tiny_vae.save_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory, latent_ckpt, vae_folder):
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    checkpoint.export_diffusers(latent_ckpt, out, vae_path=vae_folder)
+    return str(out)
+
+
+def one_error_line(function, *args):
+    """The message of the UserError function(*args) raises, checked to be one line (cli.run prints it)."""
+    with pytest.raises(cli.UserError) as e:
+        function(*args)
+    assert len(str(e.value).strip().splitlines()) == 1, str(e.value)
+    return str(e.value)
+
+
+# ------------------------------------------------------------------ safetensors
+def test_safetensors_round_trip_keeps_the_ema_weights_and_settings(tmp_path, latent_ckpt):
+    out = checkpoint.export_safetensors(latent_ckpt, tmp_path / "tiny.safetensors")
+    original, again = checkpoint.load(latent_ckpt), checkpoint.load(str(out))
+    ema = torch.load(latent_ckpt, weights_only=True)["ema"]
+    assert set(again.state_dict) == set(ema)
+    for name, value in ema.items():
+        assert torch.equal(again.state_dict[name], value), name
+    # format-1 checkpoints (as this one) record a named config's arguments: the file has them all
+    assert again.model_args == checkpoint.build_model(original.model_args).model_args
+    assert again.model_args["num_classes"] == 1000 and again.model_args["learn_sigma"] is True
+    assert again.diffusion_args == original.diffusion_args
+    assert again.settings == original.settings and again.settings["model"] == tiny_dit.TINY_MODEL
+
+
+def test_sample_py_draws_the_same_image_from_safetensors_as_from_the_pt(tmp_path):
+    pt = tmp_path / "pixel.pt"
+    tiny_dit.write_checkpoint(pt, image_size=8, vae="none", in_channels=1)
+    st = checkpoint.export_safetensors(str(pt), str(tmp_path / "pixel.safetensors"))
+    flags = ["--seed", "2", "--num-sampling-steps", "6", "--class-labels", "0 3 9", "--output"]
+    from_pt = sample.main(["--ckpt", str(pt), *flags, str(tmp_path / "a.png")])
+    from_st = sample.main(["--ckpt", st, *flags, str(tmp_path / "b.png")])
+    assert from_pt.shape == (3, 8, 8, 1) and from_pt.std() > 0
+    np.testing.assert_array_equal(from_st, from_pt)
+
+
+def test_bare_safetensors_state_dict_reads_its_config_off_the_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tiny_dit.random_state_dict(3, input_size=4, num_classes=10)
+    save_file(weights, tmp_path / "bare.safetensors")
+    loaded = checkpoint.load(str(tmp_path / "bare.safetensors"))
+    assert loaded.model_args == checkpoint.model_args_from_state_dict(weights)
+    assert (loaded.model_args["depth"], loaded.model_args["num_classes"]) == (2, 10)
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in weights.items())
+
+
+def test_unreadable_safetensors_give_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"layer.weight": torch.ones(2)}, tmp_path / "other.safetensors")
+    assert "no DiT metadata" in one_error_line(checkpoint.load, str(tmp_path / "other.safetensors"))
+    save_file({"transformer_blocks.0.attn1.to_q.weight": torch.ones(2)}, tmp_path / "diffusers.safetensors")
+    assert "pass its folder" in one_error_line(checkpoint.load, str(tmp_path / "diffusers.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert "not a readable .safetensors" in one_error_line(checkpoint.load, str(tmp_path / "corrupt.safetensors"))
+    assert ".safetensors" in one_error_line(checkpoint.export_safetensors, "any.pt", str(tmp_path / "x.st"))
+
+
+# ------------------------------------------------------------------ diffusers
+def our_model(ckpt):
+    loaded = checkpoint.load(ckpt)
+    return checkpoint.build_model(loaded.model_args, loaded.state_dict).eval(), loaded
+
+
+@torch.no_grad()
+def test_diffusers_transformer_computes_our_dit_conditional_and_null_label(latent_ckpt):
+    model, loaded = our_model(latent_ckpt)
+    transformer = checkpoint.to_diffusers_transformer(loaded.state_dict, loaded.model_args)
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 250, 500, 999, 999])
+    y = torch.tensor([0, 3, 999, NULL, NULL, 7])
+    ours = model(x, t, y)
+    stock = transformer(x, timestep=t, class_labels=y).sample
+    checkpoint.use_original_timestep_frequencies(transformer)
+    assert ours.abs().max() > 0.1 and ours[:, 4:].abs().max() > 0.1  # noise and sigma halves both non-trivial
+    assert_close(transformer(x, timestep=t, class_labels=y).sample, ours)
+    # diffusers' own timestep frequencies (10000**(-i/127)) agree at t = 0 only: the documented difference.
+    assert_close(stock[0], ours[0])
+    assert (stock[2:] - ours[2:]).abs().amax(dim=(1, 2, 3)).min() > 1e-2
+
+
+def test_export_loads_in_dit_pipeline_and_samples_our_ddim_latents(pipeline_folder, vae_folder):
+    """The same noise and DDIM steps with guidance: DiTPipeline (diffusers' scheduler and
+    transformer) against sampling.generate (our sampler and DiT), latents and decoded images."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(pipeline_folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    checkpoint.use_original_timestep_frequencies(pipe.transformer)
+    decoded_latents = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, *a, **k: decoded_latents.append(z) or decode(z, *a, **k)
+    labels, steps, seed = [1, 500, 999], 10, 4
+    images = pipe(labels, guidance_scale=4.0, num_inference_steps=steps, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed)).images
+
+    model, loaded = our_model(pipeline_folder)
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    sampler = sampling.make_sampler("ddim", steps, loaded.diffusion_args)
+    latents = sampling.generate(model, sampler, labels, 4.0, noise, guide_all_channels=True)
+    assert latents.abs().max() > 0.5
+    assert_close(decoded_latents[0] * pipe.vae.config.scaling_factor, latents)
+    ours = vae_lib.decode(vae_lib.load_vae("ema", vae_folder), latents)
+    assert_close(images, (ours / 2 + 0.5).clamp(0, 1))
+
+
+def test_diffusers_folder_loads_back_to_the_original_weights(pipeline_folder, latent_ckpt, vae_folder):
+    original = checkpoint.load(latent_ckpt)
+    for source in (pipeline_folder, os.path.join(pipeline_folder, "transformer")):
+        again = checkpoint.load(source)
+        assert set(again.state_dict) == set(original.state_dict)
+        for name, value in original.state_dict.items():
+            assert torch.equal(again.state_dict[name], value), (source, name)
+        assert again.model_args == checkpoint.complete_model_args(original.model_args)
+        assert again.diffusion_args == original.diffusion_args
+    assert checkpoint.load(pipeline_folder).settings == {
+        "model": tiny_dit.TINY_MODEL, "image_size": 64, "vae": "ema",
+        "vae_path": os.path.join(pipeline_folder, "vae")}
+    assert checkpoint.load(os.path.join(pipeline_folder, "transformer")).settings["vae_path"] is None
+
+
+@pytest.mark.parametrize("diffusion_args", [
+    {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
+    {"noise_schedule": "linear", "diffusion_steps": 500, "learn_sigma": False},
+    {"noise_schedule": "squaredcos_cap_v2", "diffusion_steps": 1000, "learn_sigma": True, "predict_xstart": True},
+])
+def test_the_exported_scheduler_has_our_betas_and_reads_back(diffusion_args):
+    from diffusion import create_diffusion
+
+    scheduler = checkpoint.scheduler_for(diffusion_args)
+    ours = torch.tensor(create_diffusion("", **diffusion_args).betas, dtype=torch.float32)
+    torch.testing.assert_close(scheduler.betas, ours, rtol=1e-5, atol=1e-8)
+    config = dict(scheduler.config)
+    assert checkpoint.diffusion_args_from_scheduler(config, diffusion_args["learn_sigma"], "x") == diffusion_args
+
+
+def test_export_refuses_what_dit_pipeline_cannot_hold(tmp_path, pipeline_folder, latent_ckpt):
+    pixel = tmp_path / "pixel.pt"
+    tiny_dit.write_checkpoint(pixel, image_size=8, vae="none", in_channels=1)
+    assert "pixel space" in one_error_line(checkpoint.export_diffusers, str(pixel), str(tmp_path / "p"))
+    assert "not empty" in one_error_line(checkpoint.export_diffusers, latent_ckpt, pipeline_folder)
+    (tmp_path / "plain").mkdir()
+    assert "not a diffusers DiT" in one_error_line(checkpoint.load, str(tmp_path / "plain"))
+    vae_only = tiny_vae.save_tiny_vae(tmp_path / "vae_only")  # a diffusers folder, but not a DiT
+    assert "not a DiT transformer" in one_error_line(checkpoint.load, vae_only)
+
+
+def test_a_diffusers_dit_with_its_own_embedders_per_block_is_refused(tmp_path, pipeline_folder):
+    """Trained in diffusers, each block's timestep/class embedder drifts apart; DiT has one."""
+    from diffusers import DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel.from_pretrained(pipeline_folder, subfolder="transformer")
+    with torch.no_grad():
+        transformer.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(0.01)
+    transformer.save_pretrained(tmp_path / "drifted")
+    assert "block 1 has its own" in one_error_line(checkpoint.load, str(tmp_path / "drifted"))
+
+
+def test_a_failed_export_leaves_no_folder(tmp_path, latent_ckpt, vae_folder, monkeypatch):
+    from diffusers import DiTPipeline
+
+    def fail(self, folder, **kwargs):
+        open(os.path.join(folder, "model_index.json"), "w").close()  # half-written
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(DiTPipeline, "save_pretrained", fail)
+    with pytest.raises(OSError):
+        checkpoint.export_diffusers(latent_ckpt, tmp_path / "out", vae_path=vae_folder)
+    assert os.listdir(tmp_path) == []
+
+
+def test_command_line_export_picks_the_format_by_extension(tmp_path, latent_ckpt, vae_folder, capsys):
+    checkpoint.main(["export", latent_ckpt, str(tmp_path / "a.safetensors")])
+    checkpoint.main(["export", latent_ckpt, str(tmp_path / "folder"), "--vae-path", vae_folder])
+    assert "safetensors" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "folder" / "transformer" / "config.json")
+    a, b = checkpoint.load(str(tmp_path / "a.safetensors")), checkpoint.load(str(tmp_path / "folder"))
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert "--vae-path" in one_error_line(checkpoint.main, ["export", latent_ckpt, str(tmp_path / "b.safetensors"),
+                                                            "--vae-path", vae_folder])
+
+
+def fake_hub(root, pipeline_folder):
+    """HUB_ID in a Hugging Face cache at root/hub holding the tiny pipeline, its transformer
+    config written as the hub's older Transformer2DModel one; returns the offline env."""
+    import shutil
+
+    repo = os.path.join(root, "hub", "models--" + HUB_ID.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", tiny_vae.COMMIT)
+    shutil.copytree(pipeline_folder, snapshot)
+    config_path = os.path.join(snapshot, "transformer", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.pop("norm_eps")
+    config.update(_class_name="Transformer2DModel", cross_attention_dim=None, use_linear_projection=False)
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(tiny_vae.COMMIT)
+    env = {"HF_HOME": str(root), "HF_HUB_CACHE": os.path.join(root, "hub"), "HF_HUB_OFFLINE": "1",
+           "DIFFUSERS_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return {**os.environ, **env}
+
+
+def test_hub_id_from_an_offline_cache_samples_as_the_original(tmp_path, pipeline_folder, latent_ckpt, vae_folder):
+    """sample.py --ckpt facebook/DiT-XL-2-256 in a subprocess (offline cache) against the .pt
+    checkpoint it was exported from, decoded by the same VAE: the same PNG."""
+    env = fake_hub(tmp_path, pipeline_folder)
+    flags = ["--seed", "1", "--num-sampling-steps", "5", "--class-labels", "5 999", "--output"]
+    subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_dit.py"), str(ROOT / "sample.py"),
+                    "--ckpt", HUB_ID, *flags, str(tmp_path / "hub.png")], env=env, check=True, cwd=tmp_path)
+    from_pt = sample.main(["--ckpt", latent_ckpt, "--vae-path", vae_folder, *flags, str(tmp_path / "pt.png")])
+    from PIL import Image
+
+    assert from_pt.shape == (2, 64, 64, 3) and from_pt.std() > 1
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "hub.png")),
+                                  np.asarray(Image.open(tmp_path / "pt.png")))
+
+
+
+def test_a_hub_id_missing_from_the_offline_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # every request refused
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: checkpoint.main(["export", "dit-tests/never-cached", str(tmp_path / "x.safetensors")]))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1, errors
+    assert "dit-tests/never-cached" in errors[0] and "internet" in errors[0]
