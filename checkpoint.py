@@ -99,8 +99,18 @@ def _upgrade(ckpt, path):
             args["model"], input_size=image_size if vae == "none" else image_size // vae_lib.DOWNSAMPLE,
             in_channels=int(args.get("in_channels") or 3) if vae == "none" else 4,
             num_classes=args.get("num_classes") or 1000)
+    ckpt["model_args"] = complete_model_args(ckpt["model_args"])
     ckpt.setdefault("diffusion_args", dict(DEFAULT_DIFFUSION_ARGS))
     return ckpt
+
+
+def complete_model_args(model_args):
+    """model_args with DiT's defaults filled in: older checkpoints lack arguments added since
+    (and format 1 records only what differs), and an export means the same network if a default
+    ever changes."""
+    defaults = {name: p.default for name, p in inspect.signature(DiT.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **model_args}
 
 
 def build_model(model_args, state_dict=None, what="checkpoint"):
@@ -226,15 +236,6 @@ def _read_safetensors(path):
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path!r} is not a readable .safetensors file ({_first_line(e)}); "
                         f"re-create it with `python checkpoint.py export`") from None
-
-
-def complete_model_args(model_args):
-    """model_args with DiT's defaults filled in (format-1 checkpoints record only what differs):
-    a file written today means the same network if a default ever changes."""
-
-    defaults = {name: p.default for name, p in inspect.signature(DiT.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return {**defaults, **model_args}
 
 
 def _json(value):

@@ -161,7 +161,8 @@ def test_train_checkpoint_yields_ema_weights_and_args(tmp_path):
     loaded = checkpoint.load(str(tmp_path / "ckpt.pt"))
     assert torch.equal(loaded.state_dict["w"], ema["w"]) and loaded.settings["image_size"] == 256
     # A checkpoint of the format before model_args: rebuilt from its stored --model and sizes.
-    assert loaded.model_args == checkpoint.model_args_for("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
+    built = checkpoint.model_args_for("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
+    assert loaded.model_args == checkpoint.complete_model_args(built)
     assert torch.equal(download.find_model(str(tmp_path / "ckpt.pt"))["w"], ema["w"])
 
 

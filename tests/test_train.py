@@ -308,3 +308,21 @@ def test_eval_ref_at_another_resolution_is_refused_up_front(pixels, tmp_path, ca
     err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, "--eval-every", 2, "--eval-ref", ref), capsys)
     assert "32x32 images but this run samples 8x8" in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / EXPERIMENT)
+
+
+def test_checkpoints_of_the_earlier_format_resume_and_sample(pixels, reference, tmp_path, capsys):
+    import sample
+
+    old = checkpoint(reference, 4)
+    for key in ("model_args", "diffusion_args", "format"):  # what checkpoints held before model_args existed
+        old.pop(key)
+    path = tmp_path / "old" / "0000004.pt"
+    path.parent.mkdir()
+    torch.save(old, path)
+    assert run_main(pixel_args(pixels, tmp_path / "results", "--max-steps", STEPS, "--resume", path), capsys) is None
+    resumed = torch.load(tmp_path / "results" / EXPERIMENT / "checkpoints" / f"{STEPS:07d}.pt", weights_only=True)
+    ref = checkpoint(reference, STEPS)
+    assert all(torch.equal(resumed["ema"][k], ref["ema"][k]) for k in ref["ema"])
+    images = sample.main(["--ckpt", str(path), "--num-sampling-steps", "2", "--output", str(tmp_path / "s.png"),
+                          "--class-labels", "0", "1"])
+    assert images.shape == (2, 8, 8, 1)
