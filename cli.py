@@ -87,7 +87,8 @@ def parse_class_labels(text, num_classes):
 # ------------------------------------------------------------------ flags the scripts share
 # Added once here so that a flag means the same in train.py, sample.py, sample_ddp.py and digits.py.
 VAE_CHOICES = ("ema", "mse", "none")
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+# Gaussian (eps, v) samplers, then the flow ones; diffusion.SAMPLERS_FOR says which fit which objective.
+SAMPLERS = ("ddpm", "ddim", "dpm-solver", "euler", "heun", "dopri5", "sde")
 
 
 def add_model_flags(parser, training):
@@ -109,18 +110,55 @@ def add_model_flags(parser, training):
     if training:
         parser.add_argument("--in-channels", type=int, choices=[1, 3], default=3,
                             help="pixel space only: 3 = RGB, 1 = greyscale")
+    for flag, spec in MODEL_VARIANT_FLAGS.items():
+        default = spec.get("default") if training else None
+        parser.add_argument(flag, **{**spec, "default": default,
+                                     "help": spec["help"] + (from_ckpt or f" (default {default})")})
+
+
+# Model variants: each flag sets the DiT constructor argument of the same name (--block -> block).
+# Training defaults to the released model's value; sampling to None, which keeps the checkpoint's.
+MODEL_VARIANT_FLAGS = {
+    "--block": dict(choices=["adaLN-Zero", "adaLN", "cross-attention", "in-context", "mm-dit"], default="adaLN-Zero",
+                    help="how the blocks take the timestep and class (models.py): adaLN-Zero (the paper's), adaLN, "
+                         "cross-attention, in-context, mm-dit (Stable Diffusion 3's joint attention)"),
+    "--context-tokens": dict(type=int, default=4,
+                             help="--block mm-dit: length of the learned condition token sequence per class"),
+}
+
+
+def model_variant_args(args):
+    """The constructor arguments the variant flags give (those left at None are not given)."""
+    names = (flag.lstrip("-").replace("-", "_") for flag in MODEL_VARIANT_FLAGS)
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm"):
-    """How samples are drawn: the sampler, its steps, classifier-free guidance."""
-    parser.add_argument("--sampler", choices=SAMPLERS, default=sampler,
-                        help="ddpm: ancestral, as the original; ddim: deterministic DDIM; "
-                             "dpm-solver: DPM-Solver++(2M), ~25 steps suffice")
-    parser.add_argument("--num-sampling-steps", type=positive_int, default=num_sampling_steps)
+    """How samples are drawn: the sampler, its steps, classifier-free guidance. `sampler` and
+    `num_sampling_steps` are this script's defaults for eps and v checkpoints; a flow checkpoint
+    defaults to heun. Both flags default to None, meaning "the default for the checkpoint's
+    objective", which sampling.make_sampler resolves (sampling.sampler_options passes the
+    script's defaults along)."""
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help=f"eps and v checkpoints: ddpm (ancestral, as the original), ddim (deterministic), "
+                             f"dpm-solver (DPM-Solver++(2M), ~25 steps suffice); default {sampler}. Flow "
+                             f"checkpoints: heun (2nd order, the default), euler, dopri5 (adaptive), sde")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=None,
+                        help=f"default {num_sampling_steps} for ddpm, ddim and dpm-solver; the flow samplers "
+                             f"have their own (sampling.FLOW_STEPS); dopri5 picks its steps from --atol/--rtol")
+    parser.set_defaults(default_sampler=sampler, default_sampling_steps=num_sampling_steps)
     parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale,
                         help="classifier-free guidance scale; 1 = off")
     parser.add_argument("--cfg-all-channels", action="store_true",
                         help="guide all noise channels (the original guides the first three only)")
+    parser.add_argument("--cfg-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="guide only at noise levels in [LOW, HIGH] (Kynkaanniemi et al. 2024), levels in "
+                             "[0, 1]: t for flow, timestep/1000 for eps and v; elsewhere the conditional "
+                             "prediction alone, at half the cost (default: guidance at every step)")
+    parser.add_argument("--atol", type=finite_float, default=1e-6, help="dopri5: absolute tolerance")
+    parser.add_argument("--rtol", type=finite_float, default=1e-3, help="dopri5: relative tolerance")
+    parser.add_argument("--sde-diffusion", type=finite_float, default=1.0,
+                        help="sde: the diffusion coefficient w(t) = VALUE * t (SiT's default form); 0 = euler")
 
 
 def add_device_flags(parser, precision):

@@ -95,13 +95,15 @@ def score_checkpoint(args):
 
     labels = np.repeat(np.arange(NUM_CLASSES), args.per_class)
     start = time.perf_counter()
-    images = sampling.generate_from_checkpoint(
+    images, sampler = sampling.generate_from_checkpoint(
         args.ckpt, labels.tolist(), cfg_scale=args.cfg_scale, sampler=args.sampler,
         num_sampling_steps=args.num_sampling_steps, seed=args.seed, batch_size=args.batch_size,
-        device=pick_device(args.device), guide_all_channels=args.cfg_all_channels, precision=args.precision)
+        device=pick_device(args.device), guide_all_channels=args.cfg_all_channels, precision=args.precision,
+        return_sampler=True, **sampling.sampler_options(args))
     seconds = time.perf_counter() - start
     result = DigitScorer().score(images, labels)
-    print(f"{args.sampler}-{args.num_sampling_steps} cfg {args.cfg_scale}: accuracy {result['accuracy']:.1%}, "
+    steps = sampler.steps or f"adaptive ({sampler.nfe} evaluations)"  # dopri5 picks its own steps
+    print(f"{sampler.name}-{steps} cfg {args.cfg_scale}: accuracy {result['accuracy']:.1%}, "
           f"Frechet distance {result['frechet_distance']:.2f}, {seconds:.1f} s for {len(labels)} samples "
           f"({seconds / len(labels) * 1e3:.1f} ms/sample)")
     return result
@@ -112,7 +114,7 @@ def check_score_args(args):
     import sampling
 
     for flag in ("per_class", "batch_size", "num_sampling_steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: the sampler's default
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     sampling.check_cfg_scale(args.cfg_scale)
 

@@ -4,6 +4,19 @@ A ViT over latent patches whose blocks are conditioned through adaLN-Zero on the
 timestep embedding and a class-label embedding. Parameter names and shapes match the
 released checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt), so they load with
 strict=True.
+
+`DiT(block=...)` picks how the blocks take the condition (the paper's Section 3.2 ablation,
+plus Stable Diffusion 3's joint-attention block); everything else is shared:
+
+    adaLN-Zero       the released block: LayerNorm scale/shift and residual gates regressed from
+                     t + c, the regression zero-initialised so every block starts as the identity
+    adaLN            scale and shift only (no gates), ordinarily initialised
+    cross-attention  plain ViT blocks plus a cross-attention to the sequence (t, c) of length two
+    in-context       plain ViT blocks; t and c are two extra tokens, dropped after the last block
+    mm-dit           SD3's MM-DiT: a condition token stream with its own weights attends jointly
+                     with the image tokens; both modulated adaLN-Zero style from t + c
+
+`python benchmarks/flops.py` prints parameters and Gflops per config and block.
 """
 import math
 
@@ -11,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from cli import UserError
 
 
 def modulate(x, shift, scale):
@@ -75,10 +90,21 @@ class LabelEmbedder(nn.Module):
             drop = force_drop_ids == 1
         return torch.where(drop, self.num_classes, labels)
 
-    def forward(self, labels, train, force_drop_ids=None):
+    def drop_labels(self, labels, train, force_drop_ids=None):
+        """The labels with the dropped ones replaced by the null class (num_classes)."""
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
+        return labels
+
+    def forward(self, labels, train, force_drop_ids=None):
+        return self.embedding_table(self.drop_labels(labels, train, force_drop_ids))
+
+
+def multi_head_attention(q, k, v, num_heads):
+    """(B, N, C) queries, (B, M, C) keys and values -> (B, N, C), through scaled_dot_product_attention."""
+    B, N, C = q.shape
+    q, k, v = (z.view(B, z.shape[1], num_heads, C // num_heads).transpose(1, 2) for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
 
 
 class Attention(nn.Module):
@@ -97,6 +123,21 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from the image tokens (queries) to the condition tokens (keys, values)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        k, v = self.kv(context).chunk(2, dim=-1)
+        return self.proj(multi_head_attention(self.q(x), k, v, self.num_heads))
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden_dim):
         super().__init__()
@@ -108,42 +149,156 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
+    """Transformer block with adaLN-Zero conditioning (gated=False: adaLN, scale and shift only)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True):
         super().__init__()
         self.hidden_size = hidden_size
+        self.gated = gated
         self.attn = Attention(hidden_size, num_heads)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        outputs = 6 if gated else 4
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, outputs * hidden_size, bias=True))
 
     def norm(self, x):
         return F.layer_norm(x, (self.hidden_size,), eps=1e-6)
 
     def forward(self, x, c):
+        if not self.gated:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            x = x + self.attn(modulate(self.norm(x), shift_msa, scale_msa))
+            return x + self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
         return x
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear to patch*patch*out_channels values per token."""
+class ViTBlock(nn.Module):
+    """A standard pre-norm ViT block, no modulation: the in-context variant's block. With
+    cross_attention, a cross-attention to the condition tokens follows the self-attention, as
+    in the original Transformer decoder (the paper's cross-attention variant)."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attention=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x, context=None):
+        x = x + self.attn(self.norm1(x))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+class JointStream(nn.Module):
+    """The weights of one token stream of an MM-DiT block: modulation, qkv, output projection, MLP.
+    update=False keeps only shift, scale and qkv: the condition stream of the last block, whose
+    output nothing reads (unused weights would also stall DDP's gradient reduction)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, update=True):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.update = update
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if update else 2) * hidden_size))
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        if update:
+            self.proj = nn.Linear(hidden_size, hidden_size)
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def norm(self, x):
+        return F.layer_norm(x, (self.hidden_size,), eps=1e-6)
+
+    def qkv_of(self, x, c):
+        """(queries, keys and values (N, T, 3D), the modulation) of the tokens x."""
+        mods = self.adaLN_modulation(c).chunk(6 if self.update else 2, dim=1)
+        return self.qkv(modulate(self.norm(x), mods[0], mods[1])), mods
+
+    def finish(self, x, attended, mods):
+        """The gated residual of the attention output, then the modulated, gated MLP."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa.unsqueeze(1) * self.proj(attended)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+
+
+class MMDiTBlock(nn.Module):
+    """Stable Diffusion 3's joint-attention block: the image tokens and the condition tokens keep
+    separate weights but attend together over their concatenation. forward(x, c, context) ->
+    (x, context); c (N, D) modulates both streams."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, last=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.image = JointStream(hidden_size, num_heads, mlp_ratio)
+        self.context = JointStream(hidden_size, num_heads, mlp_ratio, update=not last)
+
+    def forward(self, x, c, context):
+        qkv_x, mods_x = self.image.qkv_of(x, c)
+        qkv_c, mods_c = self.context.qkv_of(context, c)
+        q, k, v = torch.cat([qkv_c, qkv_x], dim=1).chunk(3, dim=-1)
+        attended_c, attended_x = multi_head_attention(q, k, v, self.num_heads).split(
+            [context.shape[1], x.shape[1]], dim=1)
+        x = self.image.finish(x, attended_x, mods_x)
+        if self.context.update:
+            context = self.context.finish(context, attended_c, mods_c)
+        return x, context
+
+
+class ClassTokens(nn.Module):
+    """The mm-dit condition stream for class labels: a learned sequence of `length` tokens per
+    class, and one for the null class (index num_classes) when labels are dropped for guidance."""
+
+    def __init__(self, num_classes, hidden_size, length, has_null_row):
+        super().__init__()
+        self.length = length
+        self.embedding_table = nn.Embedding(num_classes + has_null_row, length * hidden_size)
+
+    def forward(self, labels):
+        return self.embedding_table(labels).view(len(labels), self.length, -1)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear to patch*patch*out_channels values per token.
+    adaptive=False: the standard ViT output layer, a LayerNorm with its own scale and shift."""
+
+    def __init__(self, hidden_size, patch_size, out_channels, adaptive=True):
         super().__init__()
         self.hidden_size = hidden_size
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        else:
+            self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
 
     def forward(self, x, c):
+        if not hasattr(self, "adaLN_modulation"):
+            return self.linear(self.norm(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         x = modulate(F.layer_norm(x, (self.hidden_size,), eps=1e-6), shift, scale)
         return self.linear(x)
 
 
+BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context", "mm-dit")
+ZERO_INIT_BLOCKS = ("adaLN-Zero", "mm-dit")  # modulation regressed to zero at init: each block the identity
+ADAPTIVE_BLOCKS = ("adaLN-Zero", "adaLN", "mm-dit")  # the output layer's norm is adaptive too
+
+
+def make_block(block, hidden_size, num_heads, mlp_ratio, last):
+    if block in ("adaLN-Zero", "adaLN"):
+        return DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block == "adaLN-Zero")
+    if block == "mm-dit":
+        return MMDiTBlock(hidden_size, num_heads, mlp_ratio, last=last)
+    return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=block == "cross-attention")
+
+
 class DiT(nn.Module):
-    """Diffusion model with a transformer backbone."""
+    """Diffusion model with a transformer backbone. `block` picks the conditioning (see the top
+    of this file); `context_tokens` is the length of mm-dit's per-class condition sequence."""
 
     def __init__(
         self,
@@ -157,17 +312,16 @@ class DiT(nn.Module):
         class_dropout_prob=0.1,
         num_classes=1000,
         learn_sigma=True,
+        block="adaLN-Zero",
+        context_tokens=4,
     ):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}; "
-                             f"pick an input size that is a multiple of {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by the number of heads {num_heads}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden size {hidden_size} must be a multiple of 4 (2D sine-cosine positions)")
-        if num_classes < 1 or depth < 1 or in_channels < 1:
-            raise ValueError("num_classes, depth and in_channels must be positive")
+        # Everything needed to rebuild this network: checkpoints store it, DiT(**model_args) rebuilds it.
+        self.model_args = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                               hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                               class_dropout_prob=class_dropout_prob, num_classes=num_classes,
+                               learn_sigma=learn_sigma, block=block, context_tokens=context_tokens)
+        check_arguments(self.model_args)
         self.input_size = input_size
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -175,16 +329,20 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
+        self.block = block
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = (input_size // patch_size) ** 2
+        self.num_patches = num_patches = (input_size // patch_size) ** 2
         # Fixed sine-cosine positions; a Parameter (not a buffer) so the state_dict matches the release.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio, last=i == depth - 1)
+                                     for i in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in ADAPTIVE_BLOCKS)
+        if block == "mm-dit":  # after the released modules, so their initial draws do not move
+            self.class_tokens = ClassTokens(num_classes, hidden_size, context_tokens, class_dropout_prob > 0)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -204,13 +362,17 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.block == "mm-dit":
+            nn.init.normal_(self.class_tokens.embedding_table.weight, std=0.02)
 
         # adaLN-Zero: every block starts as the identity and the model outputs exactly zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        # adaLN keeps the ordinary (xavier) initialisation of its modulation.
+        if self.block in ZERO_INIT_BLOCKS:
+            for name, module in self.named_modules():
+                if name.endswith("adaLN_modulation"):
+                    nn.init.zeros_(module[-1].weight)
+                    nn.init.zeros_(module[-1].bias)
+        # Every variant's output starts at zero, as the release's does: the blocks are what differs.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -221,34 +383,89 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, force_drop_ids=None):
+    def forward(self, x, t, y, force_drop_ids=None, context=None):
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
         force_drop_ids: optional (N,) with 1 where the label is dropped, replacing the random
-        label dropout (train.py draws it from its own seed so that runs are reproducible)."""
+        label dropout (train.py draws it from its own seed so that runs are reproducible).
+        context: mm-dit only, an (N, L, hidden_size) condition sequence (e.g. a text encoder's
+        output, projected) replacing the class tokens; y still adds its class embedding to t."""
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
+        t_emb = self.t_embedder(t)
+        labels = self.y_embedder.drop_labels(y, self.training, force_drop_ids)
+        y_emb = self.y_embedder(labels, train=False)
+        c = t_emb + y_emb
+        if self.block == "in-context":  # two more tokens, removed again before the output layer
+            x = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1)
+        x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context))
+        if self.block == "in-context":
+            x = x[:, :self.num_patches]
         return self.unpatchify(self.final_layer(x, c))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False):
+    def block_inputs(self, t_emb, y_emb, labels, context):
+        """What each block takes besides the image tokens."""
+        if context is not None and self.block != "mm-dit":
+            raise ValueError(f"context= is for block='mm-dit'; this DiT has block={self.block!r}")
+        if self.block == "cross-attention":
+            return (torch.stack([t_emb, y_emb], dim=1),)
+        if self.block == "in-context":
+            return ()
+        c = t_emb + y_emb
+        if self.block != "mm-dit":
+            return (c,)
+        if context is None:
+            return c, self.class_tokens(labels)
+        if context.dim() != 3 or context.shape[0] != len(c) or context.shape[2] != c.shape[1]:
+            raise ValueError(f"context must be (N, L, {c.shape[1]}) for a batch of {len(c)}, got "
+                             f"{tuple(context.shape)}")
+        return c, context
+
+    def run_blocks(self, x, inputs):
+        """The blocks in turn; an mm-dit block also returns the condition stream the next one takes."""
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                out = checkpoint(block, x, *inputs, use_reentrant=False)
+            else:
+                out = block(x, *inputs)
+            if self.block == "mm-dit":
+                x, inputs = out[0], (inputs[0], out[1])
+            else:
+                x = out
+        return x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None):
         """Classifier-free guidance. The batch is the conditional half followed by the same
         latents with the null label; both halves get the guided noise prediction.
 
         By default only the first three output channels are guided, as in the original
         release (needed to reproduce its published FID); `guide_all_channels=True` guides
-        every noise channel. Learned-variance channels are never guided.
+        every noise channel. Learned-variance channels are never guided. context (mm-dit):
+        the conditional then the unconditional condition sequences, as the labels.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
+        out = self.forward(torch.cat([half, half]), t, y, context=context)
         n = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :n], out[:, n:]
         cond_eps, uncond_eps = eps.split(len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def check_arguments(model_args):
+    """Refuse constructor arguments that cannot make a DiT, with the fix."""
+    a = model_args
+    if a["input_size"] % a["patch_size"]:
+        raise ValueError(f"input size {a['input_size']} is not divisible by the patch size {a['patch_size']}; "
+                         f"pick an input size that is a multiple of {a['patch_size']}")
+    if a["hidden_size"] % a["num_heads"]:
+        raise ValueError(f"hidden size {a['hidden_size']} is not divisible by the number of heads {a['num_heads']}")
+    if a["hidden_size"] % 4:
+        raise ValueError(f"hidden size {a['hidden_size']} must be a multiple of 4 (2D sine-cosine positions)")
+    if a["num_classes"] < 1 or a["depth"] < 1 or a["in_channels"] < 1:
+        raise ValueError("num_classes, depth and in_channels must be positive")
+    if a["block"] not in BLOCKS:
+        raise UserError(f"unknown block {a['block']!r}; choose one of: {', '.join(BLOCKS)}")
+    if not isinstance(a["context_tokens"], int) or a["context_tokens"] < 1:
+        raise UserError(f"--context-tokens (context_tokens) must be a positive integer, got {a['context_tokens']!r}")
 
 
 def sincos_pos_embed_2d(dim, grid_size):
@@ -278,24 +495,37 @@ MODEL_SIZES = {  # name: (depth, hidden_size, num_heads)
 }
 
 
-def _config(size, patch):
+def model_args_for(name, **kwargs):
+    """The constructor arguments of a named config, e.g. "DiT-XL/2", plus kwargs."""
+    size, _, patch = name.removeprefix("DiT-").partition("/")
+    if not name.startswith("DiT-") or size not in MODEL_SIZES or not patch.isdigit():
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(DiT_models)}")
     depth, hidden, heads = MODEL_SIZES[size]
-
-    def make(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
-
-    make.__name__ = f"DiT_{size}_{patch}"
-    return make
+    return dict(depth=depth, hidden_size=hidden, patch_size=int(patch), num_heads=heads, **kwargs)
 
 
-DiT_models = {f"DiT-{size}/{patch}": _config(size, patch) for size in MODEL_SIZES for patch in (2, 4, 8)}
+def config_name(model_args):
+    """'DiT-XL/2' for the arguments of a named config, else a description of the shape."""
+    for size, (depth, hidden, heads) in MODEL_SIZES.items():
+        if (depth, hidden, heads) == (model_args["depth"], model_args["hidden_size"], model_args["num_heads"]):
+            return f"DiT-{size}/{model_args['patch_size']}"
+    return f"DiT-depth{model_args['depth']}-hidden{model_args['hidden_size']}/{model_args['patch_size']}"
 
 
 def create_model(name, **kwargs):
-    """DiT_models[name](**kwargs) with a clear error for an unknown name."""
-    if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(DiT_models)}")
-    return DiT_models[name](**kwargs)
+    """The DiT of a named config, e.g. create_model("DiT-XL/2", input_size=32)."""
+    return DiT(**model_args_for(name, **kwargs))
+
+
+def _config(name):
+    def make(**kwargs):
+        return create_model(name, **kwargs)
+
+    make.__name__ = name.replace("-", "_").replace("/", "_")
+    return make
+
+
+DiT_models = {f"DiT-{size}/{patch}": _config(f"DiT-{size}/{patch}") for size in MODEL_SIZES for patch in (2, 4, 8)}
 
 
 def describe_state_dict(state_dict):
@@ -310,7 +540,22 @@ def describe_state_dict(state_dict):
     except (KeyError, IndexError, AttributeError):
         return "not a DiT state_dict"
     size = next((s for s, cfg in MODEL_SIZES.items() if cfg[:2] == (depth, hidden)), f"depth {depth}, hidden {hidden}")
-    return f"DiT-{size}/{patch}, input {latent}x{latent}x{in_ch}, {classes} classes"
+    block = block_of_state_dict(state_dict)
+    return f"DiT-{size}/{patch}, input {latent}x{latent}x{in_ch}, {classes} classes" + \
+        ("" if block == "adaLN-Zero" else f", block {block}")
+
+
+def block_of_state_dict(state_dict):
+    """The `block` a DiT state_dict was built with, read off its parameter names and shapes."""
+    if "blocks.0.image.qkv.weight" in state_dict:
+        return "mm-dit"
+    if "blocks.0.cross_attn.q.weight" in state_dict:
+        return "cross-attention"
+    if "blocks.0.norm1.weight" in state_dict:
+        return "in-context"
+    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    gated = modulation is None or modulation.shape[0] == 6 * state_dict["pos_embed"].shape[-1]
+    return "adaLN-Zero" if gated else "adaLN"
 
 
 def load_weights(model, state_dict, what="checkpoint"):
@@ -318,7 +563,16 @@ def load_weights(model, state_dict, what="checkpoint"):
     own = model.state_dict()
     mismatch = set(own) != set(state_dict) or any(own[k].shape != state_dict[k].shape for k in own)
     if mismatch:
-        raise ValueError(f"{what} holds {describe_state_dict(state_dict)}, but the model built is "
-                         f"{describe_state_dict(own)}; pass the matching --model / --image-size / --num-classes")
+        raise UserError(f"{what} holds {describe_state_dict(state_dict)}, but the model built is "
+                        f"{describe_state_dict(own)}; pass the matching --model / --image-size / --num-classes "
+                        f"/ --block")
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+# The reference's module-level names (`from models import DiT_XL_2`): the same callables as DiT_models.
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = DiT_models["DiT-XL/2"], DiT_models["DiT-XL/4"], DiT_models["DiT-XL/8"]
+DiT_L_2, DiT_L_4, DiT_L_8 = DiT_models["DiT-L/2"], DiT_models["DiT-L/4"], DiT_models["DiT-L/8"]
+DiT_B_2, DiT_B_4, DiT_B_8 = DiT_models["DiT-B/2"], DiT_models["DiT-B/4"], DiT_models["DiT-B/8"]
+DiT_S_2, DiT_S_4, DiT_S_8 = DiT_models["DiT-S/2"], DiT_models["DiT-S/4"], DiT_models["DiT-S/8"]
+DiT_T_2, DiT_T_4, DiT_T_8 = DiT_models["DiT-T/2"], DiT_models["DiT-T/4"], DiT_models["DiT-T/8"]

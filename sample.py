@@ -102,7 +102,8 @@ def main(argv=None):
         labels = cli.parse_class_labels(" ".join(args.class_labels), settings.num_classes)
     if not labels:
         raise cli.UserError("--class-labels is empty; give at least one label")
-    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps)
+    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, settings.diffusion_args,
+                                    **sampling.sampler_options(args))
     decode = sampling.load_decoder(settings, device, args.vae_batch_size)
 
     noise = torch.randn(len(labels), settings.in_channels, settings.latent_size, settings.latent_size, device=device)

@@ -38,7 +38,7 @@ from sample import check_sampling_args, check_writable
 # Settings that change the images: a restart into the same folder must keep them.
 IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
                   "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
-                  "precision")
+                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion")
 
 
 def parse_args(argv=None):
@@ -127,15 +127,17 @@ def _sample(args, rank, world_size, device):
     cli.set_tf32(args.precision, device)
 
     model, settings = sampling.load_model(args, device)
-    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps)
+    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, settings.diffusion_args,
+                                    **sampling.sampler_options(args))
+    args.sampler, args.num_sampling_steps = sampler.name, sampler.steps  # the defaults resolved, for the record
     decode = sampling.load_decoder(settings, device, args.vae_batch_size)
     folder = os.path.join(args.sample_dir, folder_name(args, settings))
     # Rank 0 hashes the weights (gigabytes for DiT-XL/2) once for everyone.
     sha256 = distributed.broadcast(checkpoint_sha256(settings.ckpt) if rank == 0 else None)
-    record = {**dataclasses.asdict(settings), "ckpt_sha256": sha256,
+    record = {**dataclasses.asdict(settings), "ckpt_sha256": sha256, **sampler.settings(),
               **{k: getattr(args, k) for k in (
-                  "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed",
-                  "balanced_classes", "precision", "num_fid_samples", "per_proc_batch_size")}}
+                  "cfg_scale", "cfg_all_channels", "global_seed", "balanced_classes", "precision",
+                  "num_fid_samples", "per_proc_batch_size")}}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
     check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ()))

@@ -299,6 +299,9 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     if cfg_scale != 1:
         z = torch.cat([noise, noise], 0)
         y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)
+    # Guiding only the first three channels is the release's quirk, kept for eps to reproduce its FID;
+    # v and flow models have no such history and guide every channel.
+    guide_all_channels = guide_all_channels or sampler.objective != "eps"
     forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval),
                        sampler)
     kwargs = dict(y=y)

@@ -65,7 +65,8 @@ import distributed
 import files
 import metrics
 import vae as vae_lib
-from diffusion import create_diffusion
+from diffusion import OBJECTIVES, create_process
+from diffusion.flow import T_SAMPLINGS
 from models import describe_state_dict, load_weights, model_args_for
 
 
@@ -76,6 +77,15 @@ def parse_args(argv=None):
     parser.add_argument("--feature-path", type=str, default=None, help="features from extract_features.py instead")
     parser.add_argument("--results-dir", type=str, default="results")
     cli.add_model_flags(parser, training=True)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="eps",
+                        help="eps: the release's noise prediction with learned sigma (hybrid loss); v: "
+                             "v-prediction on the same schedule, learned sigma too; flow: linear flow matching, "
+                             "x_t = (1 - t) x_0 + t eps, velocity target, the model fed t * 1000 (default eps)")
+    parser.add_argument("--t-sampling", choices=T_SAMPLINGS, default=None,
+                        help="--objective flow: how t is drawn (default uniform); logit-normal: "
+                             "t = sigmoid(--t-mean + --t-scale * n), n ~ N(0, 1), as Stable Diffusion 3")
+    parser.add_argument("--t-mean", type=cli.finite_float, default=None, help="logit-normal: location (default 0.0)")
+    parser.add_argument("--t-scale", type=cli.finite_float, default=None, help="logit-normal: scale (default 1.0)")
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (--no-hflip for data where a mirror image is another "
                              "thing, such as digits)")
@@ -106,7 +116,31 @@ def parse_args(argv=None):
     cli.add_device_flags(parser, precision="tf32")
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
-    return parser.parse_args(argv)
+    return check_objective_flags(parser.parse_args(argv))
+
+
+def check_objective_flags(args):
+    """The t-sampling flags belong to flow; the sampler of the grids must fit the objective.
+    Fills in the flow's defaults."""
+    import sampling  # lazily, as train_loop
+
+    given = [f"--{name.replace('_', '-')}" for name in ("t_sampling", "t_mean", "t_scale")
+             if getattr(args, name) is not None]
+    if given and args.objective != "flow":
+        raise cli.UserError(f"{', '.join(given)} only apply to --objective flow (this run: {args.objective}); "
+                            f"drop them or add --objective flow")
+    if args.objective == "flow":
+        args.t_sampling = args.t_sampling or "uniform"
+        if args.t_sampling == "uniform" and (args.t_mean is not None or args.t_scale is not None):
+            raise cli.UserError("--t-mean and --t-scale shape the logit-normal; add --t-sampling logit-normal or "
+                                "drop them")
+        args.t_mean = 0.0 if args.t_mean is None else args.t_mean
+        args.t_scale = 1.0 if args.t_scale is None else args.t_scale
+        if args.t_scale <= 0:
+            raise cli.UserError(f"--t-scale {args.t_scale} must be positive, e.g. 1.0")
+    if args.sampler is not None:
+        sampling.check_sampler_fits(args.sampler, args.objective)
+    return args
 
 
 def resolve_args(args):
@@ -344,7 +378,7 @@ def build_state(run):
     args = run.args
     torch.manual_seed(args.global_seed)
     model_args = model_args_for(args.model, input_size=args.input_size, in_channels=args.in_channels,
-                                num_classes=args.num_classes, **cli.model_variant_args(args))
+                                num_classes=args.num_classes, **cli.model_variant_args(args), **objective_dit_args(args))
     model = checkpoint.build_model(model_args).to(run.device)
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -428,10 +462,43 @@ def step_randomness(run, step, dropout, x_shape):
     gen = torch.Generator(device=device).manual_seed(step_seed(args.global_seed, step))
     flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[mine]
     drop = (torch.rand(B, generator=gen, device=device) < dropout)[mine].long()
-    t = torch.randint(0, DIFFUSION_STEPS, (B,), generator=gen, device=device)[mine]
+    t = draw_timesteps(args, B, gen, device)[mine]
     latent_noise = torch.randn((B, 4, args.input_size, args.input_size), generator=gen, device=device)[mine]
     noise = torch.randn((B, *x_shape), generator=gen, device=device)[mine]
     return flip, drop, t, latent_noise, noise
+
+
+def draw_timesteps(args, n, generator, device):
+    """The global batch's training times: timestep indices of the 1000-step Gaussian process for
+    eps and v (the release's draw), t in [0, 1] for flow."""
+    if args.objective == "flow":
+        return create_process(diffusion_args_for(args)).sample_t(n, generator, device)
+    return torch.randint(0, DIFFUSION_STEPS, (n,), generator=generator, device=device)
+
+
+def diffusion_args_for(args):
+    """The process this run trains, as its checkpoints record it: the release's settings for eps
+    (no "objective" key, so they stay as they were), plus "objective": "v" for v; for flow, the
+    objective and its t sampling."""
+    if args.objective == "flow":
+        shape = {"t_mean": args.t_mean, "t_scale": args.t_scale} if args.t_sampling == "logit-normal" else {}
+        return {"objective": "flow", "t_sampling": args.t_sampling, **shape}
+    if args.objective == "v":
+        return {**checkpoint.DEFAULT_DIFFUSION_ARGS, "objective": "v"}
+    return dict(checkpoint.DEFAULT_DIFFUSION_ARGS)
+
+
+def objective_dit_args(args):
+    """DiT arguments the objective sets: a flow model predicts the velocity alone (no sigma channels)."""
+    return {"learn_sigma": False} if args.objective == "flow" else {}
+
+
+def check_resume_objective(ckpt, path, args):
+    """A checkpoint continues only with the objective (and t sampling) it was trained with."""
+    theirs, ours = ckpt.get("diffusion_args") or dict(checkpoint.DEFAULT_DIFFUSION_ARGS), diffusion_args_for(args)
+    if theirs != ours:
+        raise cli.UserError(f"--resume {path} was trained with {theirs} but this run asks for {ours}; pass the "
+                            f"--objective (and --t-sampling flags) it was trained with")
 
 
 @torch.no_grad()
@@ -547,7 +614,7 @@ def save_checkpoint(run, state, steps_per_epoch):
         progress = {"train_steps": state.train_steps, "epoch": state.epoch, "batches_in_epoch": state.batches_done,
                     "world_size": run.world_size}
         checkpoint.save(checkpoint.train_state(state.model, state.ema, state.opt, state.scaler, run.args,
-                                               checkpoint.DEFAULT_DIFFUSION_ARGS, progress), path)
+                                               diffusion_args_for(run.args), progress), path)
         run.logger.info(f"Saved checkpoint to {path}")
         if run.args.keep_last > 0:  # only this run's folder: a resume from an earlier step gets a new one
             for old in checkpoints_in(run.experiment_dir)[:-run.args.keep_last]:
@@ -680,9 +747,9 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
     import sampling  # for the sampler of grids and --eval-every
 
     args = run.args
-    diffusion = create_diffusion(timestep_respacing="", **checkpoint.DEFAULT_DIFFUSION_ARGS)
-    watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps) \
-        if args.sample_every or args.eval_every else None
+    diffusion = create_process(diffusion_args_for(args))
+    watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps, diffusion_args_for(args),
+                                    **sampling.sampler_options(args)) if args.sample_every or args.eval_every else None
     dropout = state.model.y_embedder.dropout_prob
     x_shape = (args.in_channels, args.input_size, args.input_size)
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch

@@ -5,14 +5,15 @@ The solver itself is diffusers' DPMSolverMultistepScheduler, set up on the betas
 1000-step process DiT was trained with. Two things have to be wired by hand: DiT's
 learned-sigma output is [noise, variance] and the solver must see only the noise half
 (diffusers' own learned-variance switch keeps the first three channels, wrong for 4-channel
-latents), and the model is called with the scheduler's original timestep indices.
+latents), and the model is called with the scheduler's original timestep indices. A v-prediction
+model (train.py --objective v) runs through the same solver with prediction_type="v_prediction".
 """
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 
-def make_scheduler(betas, num_steps):
+def make_scheduler(betas, num_steps, prediction_type="epsilon"):
     """The solver's timestep grid over the training process: num_steps points from T-1 towards 0."""
     if not 1 <= num_steps <= len(betas):
         raise ValueError(f"the DPM-Solver needs between 1 and {len(betas)} steps, got {num_steps}")
@@ -21,7 +22,7 @@ def make_scheduler(betas, num_steps):
         trained_betas=[float(b) for b in betas],
         algorithm_type="dpmsolver++",
         solver_order=2,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,  # "epsilon" (DiT's) or "v_prediction"
         final_sigmas_type="zero",  # the last step lands on the clean sample
     )
     scheduler.set_timesteps(num_steps)
@@ -29,16 +30,18 @@ def make_scheduler(betas, num_steps):
 
 
 @torch.no_grad()
-def dpm_solver_sample_loop(model, noise, betas, num_steps, model_kwargs=None, progress=False):
+def dpm_solver_sample_loop(model, noise, betas, num_steps, model_kwargs=None, progress=False,
+                           prediction_type="epsilon"):
     """Integrate from `noise` (x_T) to a clean sample; `model(x, t, **model_kwargs)` returns
-    the noise prediction in its first x.shape[1] channels (any further channels are ignored)."""
+    the noise prediction (or v for prediction_type="v_prediction") in its first x.shape[1]
+    channels (any further channels are ignored)."""
     model_kwargs = model_kwargs or {}
-    scheduler = make_scheduler(betas, num_steps)
+    scheduler = make_scheduler(betas, num_steps, prediction_type)
     x = noise
     channels = noise.shape[1]
     steps = tqdm(scheduler.timesteps, desc="sampling", leave=False) if progress else scheduler.timesteps
     for t in steps:
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        eps = model(x, t_batch, **model_kwargs)[:, :channels]
-        x = scheduler.step(eps.float(), t, x).prev_sample
+        prediction = model(x, t_batch, **model_kwargs)[:, :channels]
+        x = scheduler.step(prediction.float(), t, x).prev_sample
     return x

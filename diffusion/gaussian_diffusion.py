@@ -1,5 +1,7 @@
 """Gaussian diffusion (Ho et al. 2020) with the learned-range variance and hybrid loss of
 Improved DDPM (Nichol & Dhariwal 2021), as used by DiT: the parts create_diffusion can set up.
+The model predicts the noise (DiT's choice), x_0, or v (v-prediction, Salimans & Ho 2022); the
+samplers convert any of them to x_0 and eps.
 
 Schedule quantities are computed once in float64 (as the reference does) and kept as float64
 torch tables, copied to each device once. A lookup gathers on the timesteps' device and only
@@ -19,6 +21,7 @@ from .diffusion_utils import DeviceCopies, discretized_gaussian_log_likelihood, 
 class ModelMeanType(enum.Enum):
     START_X = enum.auto()  # the model predicts x_0
     EPSILON = enum.auto()  # the model predicts the noise
+    VELOCITY = enum.auto()  # the model predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022)
 
 
 class ModelVarType(enum.Enum):
@@ -156,6 +159,8 @@ class GaussianDiffusion:
 
         if self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = model_output
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            pred_xstart = self._predict_xstart_from_v(x, t, model_output)
         else:
             pred_xstart = self._predict_xstart_from_eps(x, t, model_output)
         if clip_denoised:
@@ -171,6 +176,21 @@ class GaussianDiffusion:
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return ((self._lookup("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
                 / self._lookup("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
+
+    # v-prediction: with a = sqrt(abar), s = sqrt(1 - abar) (a^2 + s^2 = 1), x_t = a x_0 + s eps and
+    # v = a eps - s x_0, so x_0 = a x_t - s v and eps = s x_t + a v.
+    def _predict_xstart_from_v(self, x_t, t, v):
+        return (self._lookup("sqrt_alphas_cumprod", t, x_t.shape) * x_t
+                - self._lookup("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * v)
+
+    def _predict_eps_from_v(self, x_t, t, v):
+        return (self._lookup("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * x_t
+                + self._lookup("sqrt_alphas_cumprod", t, x_t.shape) * v)
+
+    def velocity_target(self, x_start, t, noise):
+        """v for x_0 and eps at timesteps t: the v-prediction training target."""
+        return (self._lookup("sqrt_alphas_cumprod", t, x_start.shape) * noise
+                - self._lookup("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * x_start)
 
     @staticmethod
     def _nonzero_mask(t, x):
@@ -252,6 +272,14 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
+    def _mse_target(self, x_start, t, noise):
+        """What the model's mean output is trained to predict."""
+        if self.model_mean_type == ModelMeanType.START_X:
+            return x_start
+        if self.model_mean_type == ModelMeanType.VELOCITY:
+            return self.velocity_target(x_start, t, noise)
+        return noise
+
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Per-example losses for timesteps t: dict with "loss" (and "mse", "vb" for the hybrid loss)."""
         model_kwargs = model_kwargs or {}
@@ -272,7 +300,6 @@ class GaussianDiffusion:
             if self.loss_type == LossType.RESCALED_MSE:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
-        target = x_start if self.model_mean_type == ModelMeanType.START_X else noise
-        terms["mse"] = mean_flat((target - model_output) ** 2)
+        terms["mse"] = mean_flat((self._mse_target(x_start, t, noise) - model_output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
