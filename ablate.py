@@ -363,25 +363,42 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     shown = panels(results)
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.4 * len(shown), 3.6), squeeze=False)
-    for ax, (title, curve_of, log) in zip(axes[0], shown):
+    columns = min(3, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    for ax, (title, curve_of, log) in zip(axes.flat, shown):
         for group, members in grouped(results).items():
             steps, mean, low, high = mean_curve([curve_of(m) for m in members])
             line, = ax.plot(steps, mean, label=group, marker="o" if len(steps) <= 12 else None, markersize=3)
             if len(members) > 1:
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-        ax.set_title(title)
-        ax.set_xlabel("training steps")
-        if log:
+        ax.set(title=title, xlabel="training steps")
+        if log:  # ticks at 1, 2, 5 x 10^k, written as plain numbers
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    zoom_past_start(axes.flat[0], [r["loss"] for r in results])
+    axes.flat[0].legend(fontsize=8)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
     fig.tight_layout()
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+def zoom_past_start(ax, curves):
+    """y limits of the curves past their first tenth: the first losses would squash the rest flat."""
+    last = max((step for curve in curves for step, _ in curve), default=0)
+    values = [value for curve in curves for step, value in curve if step > last / 10]
+    if values:
+        spread = max(values) - min(values)
+        ax.set_ylim(min(values) - 0.05 * spread, max(values) + 0.05 * spread)
 
 
 def cell(values, fmt):
