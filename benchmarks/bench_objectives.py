@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import digits  # noqa: E402
+import files  # noqa: E402
 import sampling  # noqa: E402
 
 DEMO_FLAGS = ["--model", "DiT-T/2", "--vae", "none", "--in-channels", "1", "--image-size", "8", "--num-classes", "10",
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--objectives", nargs="+", choices=list(RUNS), default=["eps", "v", "flow"])
     parser.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--cfg", type=float, nargs="+", default=[4.0, 1.0])
+    parser.add_argument("--samplers", nargs="+", default=None,
+                        help="score only these samplers, in this order (e.g. heun euler); default all of each objective's")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "digits"))
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "objectives"))
@@ -104,13 +107,15 @@ def run_all(args):
     scorer = digits.DigitScorer()
     for objective in args.objectives:
         ckpt = train(objective, args)
-        for name, steps in configs(objective, args.nfe):
+        chosen = [c for c in configs(objective, args.nfe) if not args.samplers or c[0] in args.samplers]
+        for name, steps in sorted(chosen, key=lambda c: args.samplers.index(c[0]) if args.samplers else 0):
             for cfg in args.cfg:
                 key = f"{objective}|{name}|{steps}|{cfg}"
                 if key not in done:
-                    done[key] = {"objective": objective, **score(ckpt, name, steps, cfg, scorer, args.per_class)}
-                    with open(path, "w") as f:
-                        json.dump(done, f, indent=1)
+                    result = {"objective": objective, **score(ckpt, name, steps, cfg, scorer, args.per_class)}
+                    # Re-read before writing: several runs (one per objective) may share the file.
+                    done = {**(json.load(open(path)) if os.path.exists(path) else {}), **done, key: result}
+                    files.save_json(done, path)
                 r = done[key]
                 print(f"{objective:4s} {name:10s} nfe {r['nfe']:3d} cfg {cfg}: accuracy {r['accuracy']:.1%}, "
                       f"fd {r['fd']:.2f}", file=sys.stderr)
