@@ -163,6 +163,8 @@ def model_args_from_state_dict(state_dict):
         hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
         grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
+        if grid * grid != state_dict["pos_embed"].shape[1]:
+            return None  # a non-square grid: its height and width leave no trace in a bare state_dict
         out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
         table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
         mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
@@ -350,6 +352,9 @@ def check_shared_embedders(theirs, depth, source):
 
 def diffusers_config(model_args):
     """DiTTransformer2DModel's constructor arguments for our (complete) model_args, refusing what it lacks."""
+    if isinstance(model_args["input_size"], (list, tuple)):
+        raise UserError(f"DiTTransformer2DModel takes square inputs only; this DiT's input is "
+                        f"{model_args['input_size'][0]}x{model_args['input_size'][1]}: export it as .safetensors")
     if model_args.get("block", "adaLN-Zero") != "adaLN-Zero":
         raise UserError(f"DiTTransformer2DModel has adaLN-Zero blocks only; this DiT's are {model_args['block']}: "
                         f"export it as .safetensors instead")

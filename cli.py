@@ -99,9 +99,10 @@ def add_model_flags(parser, training):
     from_ckpt = "" if training else " (default: the checkpoint's)"
     parser.add_argument("--model", choices=list(models.DiT_models), default="DiT-XL/2" if training else None,
                         help="DiT config" + (from_ckpt or " (default DiT-XL/2)"))
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="image side in pixels: 256 or 512 with the VAE (any multiple of 8), any multiple of "
-                             "the patch in pixel space" + (from_ckpt or " (default 256, or the features')"))
+    parser.add_argument("--image-size", type=image_size, default=None, metavar="N|HxW",
+                        help="image size in pixels, N (square) or HxW (height x width, e.g. 256x384): 256 or 512 "
+                             "with the VAE (any multiple of 8), any multiple of the patch in pixel space"
+                             + (from_ckpt or " (default 256, or the features')"))
     parser.add_argument("--num-classes", type=positive_int, default=1000 if training else None, help="class labels")
     parser.add_argument("--vae", choices=VAE_CHOICES, default=None,
                         help="Stable Diffusion VAE (ema, mse) or none for pixel space"
@@ -167,6 +168,39 @@ def add_device_flags(parser, precision):
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
                         help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
                              + (precision or "PyTorch's own settings, as the original sample.py"))
+
+
+def image_size(text):
+    """--image-size: `N` (square) or `HxW`, height x width in pixels (`256x384` is 256 high, 384
+    wide). An int for a square size, also written `NxN`, so square runs record exactly what they
+    always did; else [H, W] (a list: it reads back from JSON unchanged)."""
+    parts = str(text).strip().lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image size; give N for a square (e.g. 256) or HxW, "
+                                         f"height x width in pixels (e.g. 256x384)")
+    height, width = (int(parts[0]), int(parts[-1]))
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the height and width must be at least 1")
+    return size_value(height, width)
+
+
+def size_value(height, width):
+    """The canonical image or latent size: an int when square, else [height, width]."""
+    return int(height) if height == width else [int(height), int(width)]
+
+
+def height_width(size):
+    """(height, width) of a size given as an int (square) or a 2-item [height, width]."""
+    if not isinstance(size, (list, tuple)):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
+def size_text(size):
+    """'256' for a square size, '256x384' (height x width) otherwise, as --image-size takes it."""
+    height, width = height_width(size)
+    return str(height) if height == width else f"{height}x{width}"
 
 
 def positive_int(text):

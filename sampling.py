@@ -14,12 +14,13 @@ or step by step:
 
     model, cfg = sampling.load_model(args, device)        # args: the flags below
     sampler = sampling.make_sampler("dpm-solver", 25, cfg.diffusion_args)   # None, None: the objective's default
-    noise = torch.randn(len(labels), cfg.in_channels, cfg.latent_size, cfg.latent_size)
+    noise = torch.randn(len(labels), *cfg.latent_shape())
     latents = sampling.generate(model, sampler, labels, 4.0, noise)
     images = cli.to_uint8(sampling.load_decoder(cfg, device)(latents))   # N x H x W x C uint8
 """
 import argparse
 import dataclasses
+import sys
 import warnings
 
 import numpy as np
@@ -33,7 +34,7 @@ from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import config_name, model_args_for
+from models import config_name, load_weights, model_args_for
 
 SAMPLERS = cli.SAMPLERS
 
@@ -46,31 +47,38 @@ def add_model_args(parser, cfg_scale, num_sampling_steps=250):
                         help="a train.py checkpoint (its EMA weights), a state_dict, a .safetensors file, or a "
                              "diffusers DiT folder or hub id; default: the released DiT-XL/2 weights for "
                              "--image-size (downloaded once)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode in overlapping tiles (diffusers' tiled VAE): fixed memory for 1024 px and "
+                             "larger images, seams blended")
     cli.add_sampler_flags(parser, cfg_scale, num_sampling_steps)
 
 
 @dataclasses.dataclass
 class ModelSettings:
     model: str
-    image_size: int
+    image_size: object  # pixels: an int (square) or [height, width], as cli.image_size gives
     num_classes: int
     vae: str  # ema, mse or none
     vae_path: str
     in_channels: int
-    latent_size: int
+    latent_size: object  # the model's input, int or [height, width] like image_size
     ckpt: str
     model_args: dict = None
     diffusion_args: dict = None
 
+    def latent_shape(self):
+        """(channels, height, width) of one sample's start noise."""
+        return (self.in_channels, *cli.height_width(self.latent_size))
+
 
 def released_weights(args):
     """The released checkpoint's name for the flags, when no --ckpt is given."""
-    model_name, image_size = args.model or "DiT-XL/2", args.image_size or 256
-    name = f"DiT-XL-2-{image_size}x{image_size}.pt"
+    model_name, (height, width) = args.model or "DiT-XL/2", cli.height_width(args.image_size or 256)
+    name = f"DiT-XL-2-{height}x{width}.pt"
     if model_name != "DiT-XL/2" or name not in RELEASED_MODELS or (args.num_classes or 1000) != 1000:
         raise cli.UserError(f"released weights exist only for DiT-XL/2 at --image-size 256 or 512 with "
-                            f"1000 classes (asked: {model_name} at {image_size}, {args.num_classes or 1000} "
-                            f"classes); pass --ckpt PATH for other models")
+                            f"1000 classes (asked: {model_name} at {cli.size_text(args.image_size or 256)}, "
+                            f"{args.num_classes or 1000} classes); pass --ckpt PATH for other models")
     if args.vae == "none":
         raise cli.UserError("the released DiT-XL/2 weights are latent-space models; use --vae ema or mse")
     return name
@@ -91,19 +99,50 @@ def load_model(args, device):
     if vae == "none" and args.vae_path:
         raise cli.UserError("--vae-path was given with --vae none; drop one of them")
     downsample = 1 if vae == "none" else vae_lib.DOWNSAMPLE
-    image_size = args.image_size or loaded.settings.get("image_size") or model_args["input_size"] * downsample
-    if image_size % downsample:
-        raise cli.UserError(f"--image-size {image_size} must be a multiple of {downsample} for a latent-space model")
-    model_args["input_size"] = image_size // downsample
+    trained = model_args["input_size"]  # the input size the weights were trained at (None: unknown)
+    image_size = args.image_size or loaded.settings.get("image_size") or scaled_size(trained or 32, downsample)
+    height, width = cli.height_width(image_size)
+    step = downsample * model_args["patch_size"]
+    if height % step or width % step:
+        raise cli.UserError(f"--image-size {cli.size_text(image_size)} must have sides that are multiples of {step} "
+                            f"for this model (patch {model_args['patch_size']}"
+                            + (")" if downsample == 1 else f", in latents {downsample} times smaller)"))
+    image_size = cli.size_value(height, width)  # 256x256 is recorded as 256
+    model_args["input_size"] = cli.size_value(height // downsample, width // downsample)
     model_args["num_classes"] = args.num_classes or model_args["num_classes"]
     # A checkpoint trained through a local VAE folder decodes with it too, unless told otherwise.
     vae_path = args.vae_path or (loaded.settings.get("vae_path") if args.vae is None else None)
 
-    model = checkpoint.build_model(model_args, loaded.state_dict, f"checkpoint {loaded.source}").to(device)
+    what = f"checkpoint {loaded.source}"
+    model = checkpoint.build_model(model_args, what=what)  # drawing its initialisation, as the original
+    state_dict = loaded.state_dict
+    if trained is not None and cli.height_width(model_args["input_size"]) != cli.height_width(trained):
+        state_dict = positions_for_new_size(loaded, model, trained, downsample)
+    model = load_weights(model, state_dict, what).to(device)
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
                              model_args["input_size"], ckpt, model_args, loaded.diffusion_args)
     return model.eval(), settings
+
+
+def scaled_size(size, factor):
+    """An input size (int or [height, width]) times `factor`, in the same form."""
+    height, width = cli.height_width(size)
+    return cli.size_value(height * factor, width * factor)
+
+
+def positions_for_new_size(loaded, model, trained, downsample):
+    """The weights to sample at a size other than the training size. A model without a position
+    table (--pos rope or none) takes any grid as it is. DiT's fixed sine-cosine table is
+    recomputed for the new grid, with a warning: the model never saw those positions trained."""
+    if "pos_embed" not in loaded.state_dict:
+        return loaded.state_dict
+    new = cli.size_text(scaled_size(model.model_args["input_size"], downsample))
+    old = cli.size_text(scaled_size(trained, downsample))
+    print(f"warning: {loaded.source} was trained at {old} px with fixed sine-cosine positions; sampling at {new} px "
+          f"recomputes them for the new grid, positions the model never trained on (expect weaker images)",
+          file=sys.stderr)
+    return {**loaded.state_dict, "pos_embed": model.pos_embed.detach()}  # the table built for this grid
 
 
 def _model_args_from_flags(args, loaded, vae):
@@ -116,14 +155,23 @@ def _model_args_from_flags(args, loaded, vae):
         return found
     pixel = vae == "none"
     in_channels = loaded.state_dict.get("x_embedder.proj.weight", torch.empty(0, 3)).shape[1] if pixel else 4
-    return model_args_for(args.model, input_size=32, in_channels=in_channels, num_classes=1000)
+    # The size the weights were trained at, when their position table is square (else unknown: None).
+    positions = loaded.state_dict.get("pos_embed")
+    grid = int(round(positions.shape[1] ** 0.5)) if positions is not None and positions.ndim == 3 else 0
+    square = grid > 0 and grid * grid == positions.shape[1]
+    input_size = grid * model_args_for(args.model)["patch_size"] if square else None
+    return model_args_for(args.model, input_size=input_size, in_channels=in_channels, num_classes=1000)
 
 
-def load_decoder(settings, device, chunk_size=8):
-    """latents -> images in [-1, 1]: the VAE decoder, or the identity for pixel-space models."""
+def load_decoder(settings, device, chunk_size=8, tiling=False):
+    """latents -> images in [-1, 1]: the VAE decoder (tiled: in overlapping tiles, for large
+    images), or the identity for pixel-space models."""
     if settings.vae == "none":
+        if tiling:
+            raise cli.UserError("--vae-tiling applies to the VAE, but this is a pixel-space model (--vae none); "
+                                "drop --vae-tiling")
         return lambda latents: latents.float()
-    vae = vae_lib.load_vae(settings.vae, settings.vae_path, device)
+    vae = vae_lib.load_vae(settings.vae, settings.vae_path, device, tiling=tiling)
     return lambda latents: vae_lib.decode(vae, latents, chunk_size)
 
 
@@ -380,7 +428,8 @@ def _ddpm_seeded(diffusion, forward, x, kwargs, step_noise, n, progress):
 
 def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_sampling_steps=None, seed=0,
                              batch_size=256, device="cpu", guide_all_channels=False, precision="fp32",
-                             vae=None, vae_path=None, progress=False, return_sampler=False, **sampler_options):
+                             vae=None, vae_path=None, vae_tiling=False, progress=False, return_sampler=False,
+                             **sampler_options):
     """N x H x W x C uint8 images for `labels` from a checkpoint (model settings from its stored args).
 
     sampler / num_sampling_steps None: the checkpoint objective's default (dpm-solver 25 for eps
@@ -395,8 +444,8 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_samp
     labels = cli.parse_class_labels(" ".join(str(int(y)) for y in labels), settings.num_classes)
     chosen = make_sampler(sampler, num_sampling_steps, settings.diffusion_args,
                           **{"default": ("dpm-solver", 25), **sampler_options})
-    decode = load_decoder(settings, device)
-    shape = (settings.in_channels, settings.latent_size, settings.latent_size)
+    decode = load_decoder(settings, device, tiling=vae_tiling)
+    shape = settings.latent_shape()
     out = []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="batches", leave=False) if progress else starts:
