@@ -316,6 +316,7 @@ class DiT(nn.Module):
         context_tokens=4,
     ):
         super().__init__()
+        input_size = plain_input_size(input_size)
         # Everything needed to rebuild this network: checkpoints store it, DiT(**model_args) rebuilds it.
         self.model_args = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                                hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -335,7 +336,10 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.num_patches = num_patches = (input_size // patch_size) ** 2
+        height, width = input_hw(input_size)
+        self.grid = (height // patch_size, width // patch_size)  # the token grid (rows, columns) it is built for
+        self.num_patches = num_patches = self.grid[0] * self.grid[1]
+        self.pos_tables = {}  # (rows, columns, device) -> sincos table of another grid, computed on first use
         # Fixed sine-cosine positions; a Parameter (not a buffer) so the state_dict matches the release.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio, last=i == depth - 1)
@@ -351,8 +355,7 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        grid = self.input_size // self.patch_size
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).unsqueeze(0))
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid).unsqueeze(0))
 
         # The patch embedding is a linear map over flattened patches.
         w = self.x_embedder.proj.weight.data
@@ -376,20 +379,42 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def unpatchify(self, x):
-        """(N, T, p*p*C) -> (N, C, H, W)."""
+    def unpatchify(self, x, grid=None):
+        """(N, T, p*p*C) -> (N, C, H, W); grid: the (rows, columns) of the T tokens (default: the built one)."""
         c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
+        h, w = grid or self.grid
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def token_grid(self, x):
+        """The (rows, columns) of tokens of latents x, refused in one line unless the patch divides them."""
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise UserError(f"a {height}x{width} input is not divisible by the patch size {self.patch_size}; "
+                            f"give height and width that are multiples of {self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    def positions(self, grid, device):
+        """The sincos table (1, T, D) of a token grid: the stored pos_embed for the built grid (so the
+        released outputs stay exact), else the same formula recomputed for the input's grid (not
+        interpolated: token (i, j) gets the position (i, j) whatever the grid's size)."""
+        if grid == self.grid:
+            return self.pos_embed
+        key = (*grid, str(device))
+        if key not in self.pos_tables:
+            table = sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).unsqueeze(0)
+            self.pos_tables[key] = table.to(device=device, dtype=self.pos_embed.dtype)
+        return self.pos_tables[key]
 
     def forward(self, x, t, y, force_drop_ids=None, context=None):
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
         force_drop_ids: optional (N,) with 1 where the label is dropped, replacing the random
         label dropout (train.py draws it from its own seed so that runs are reproducible).
         context: mm-dit only, an (N, L, hidden_size) condition sequence (e.g. a text encoder's
-        output, projected) replacing the class tokens; y still adds its class embedding to t."""
-        x = self.x_embedder(x) + self.pos_embed
+        output, projected) replacing the class tokens; y still adds its class embedding to t.
+        Any height and width that are multiples of the patch work; positions follow the input's grid."""
+        grid = self.token_grid(x)
+        x = self.x_embedder(x) + self.positions(grid, x.device)
         t_emb = self.t_embedder(t)
         labels = self.y_embedder.drop_labels(y, self.training, force_drop_ids)
         y_emb = self.y_embedder(labels, train=False)
@@ -398,8 +423,8 @@ class DiT(nn.Module):
             x = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1)
         x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context))
         if self.block == "in-context":
-            x = x[:, :self.num_patches]
-        return self.unpatchify(self.final_layer(x, c))
+            x = x[:, :grid[0] * grid[1]]
+        return self.unpatchify(self.final_layer(x, c), grid)
 
     def block_inputs(self, t_emb, y_emb, labels, context):
         """What each block takes besides the image tokens."""
@@ -453,7 +478,7 @@ class DiT(nn.Module):
 def check_arguments(model_args):
     """Refuse constructor arguments that cannot make a DiT, with the fix."""
     a = model_args
-    if a["input_size"] % a["patch_size"]:
+    if any(side % a["patch_size"] for side in input_hw(a["input_size"])):
         raise ValueError(f"input size {a['input_size']} is not divisible by the patch size {a['patch_size']}; "
                          f"pick an input size that is a multiple of {a['patch_size']}")
     if a["hidden_size"] % a["num_heads"]:
@@ -468,10 +493,26 @@ def check_arguments(model_args):
         raise UserError(f"--context-tokens (context_tokens) must be a positive integer, got {a['context_tokens']!r}")
 
 
+def input_hw(input_size):
+    """(height, width) of an input_size: an int for a square, or (height, width)."""
+    return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+
+
+def plain_input_size(input_size):
+    """input_size as model_args records it (plain values, for checkpoints and JSON): an int for a
+    square, else [height, width]; refused in one line unless it is one or two positive integers."""
+    sides = [input_size] if isinstance(input_size, int) else list(input_size)
+    if not (1 <= len(sides) <= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides)):
+        raise UserError(f"input_size must be a positive integer or (height, width), got {input_size!r}")
+    return sides[0] if len(set(sides)) == 1 else sides
+
+
 def sincos_pos_embed_2d(dim, grid_size):
-    """(grid_size**2, dim) fixed positions: first half encodes the column, second the row."""
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    """(rows * columns, dim) fixed positions of a grid_size (an int for a square, or (rows, columns)):
+    the first half encodes the column, the second the row."""
+    rows, cols = input_hw(grid_size)
+    rows, cols = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                                indexing="ij")
     return torch.cat([sincos_embed_1d(dim // 2, cols.reshape(-1)),
                       sincos_embed_1d(dim // 2, rows.reshape(-1))], dim=1).float()
 
@@ -535,13 +576,15 @@ def describe_state_dict(state_dict):
         patch = state_dict["x_embedder.proj.weight"].shape[-1]
         in_ch = state_dict["x_embedder.proj.weight"].shape[1]
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        latent = int(round(state_dict["pos_embed"].shape[1] ** 0.5)) * patch
+        tokens = state_dict["pos_embed"].shape[1]
+        side = int(round(tokens ** 0.5))
+        latent = f"{side * patch}x{side * patch}" if side * side == tokens else f"{tokens} tokens of {patch}x{patch}"
         classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
     except (KeyError, IndexError, AttributeError):
         return "not a DiT state_dict"
     size = next((s for s, cfg in MODEL_SIZES.items() if cfg[:2] == (depth, hidden)), f"depth {depth}, hidden {hidden}")
     block = block_of_state_dict(state_dict)
-    return f"DiT-{size}/{patch}, input {latent}x{latent}x{in_ch}, {classes} classes" + \
+    return f"DiT-{size}/{patch}, input {latent}x{in_ch}, {classes} classes" + \
         ("" if block == "adaLN-Zero" else f", block {block}")
 
 
