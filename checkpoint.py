@@ -358,6 +358,15 @@ def diffusers_config(model_args):
     if model_args.get("block", "adaLN-Zero") != "adaLN-Zero":
         raise UserError(f"DiTTransformer2DModel has adaLN-Zero blocks only; this DiT's are {model_args['block']}: "
                         f"export it as .safetensors instead")
+    modern = [f"--{flag} {model_args[name]}" for flag, name, release in
+              (("pos", "pos", "sincos"), ("qk-norm", "qk_norm", False), ("mlp", "mlp", "gelu"), ("norm", "norm", "layernorm"))
+              if model_args.get(name, release) != release]
+    if modern:
+        raise UserError(f"DiTTransformer2DModel has the release's sincos positions, GELU MLP and LayerNorms only; this "
+                        f"DiT has {', '.join(modern)}: export it as .safetensors instead")
+    if not isinstance(model_args["input_size"], int):
+        raise UserError(f"DiTTransformer2DModel takes square inputs only; this DiT's is "
+                        f"{model_args['input_size'][0]}x{model_args['input_size'][1]}: export it as .safetensors instead")
     if model_args["mlp_ratio"] != 4.0:
         raise UserError(f"DiTTransformer2DModel has MLPs of 4x the width; this DiT has mlp_ratio "
                         f"{model_args['mlp_ratio']}: export it as .safetensors instead")

@@ -125,6 +125,15 @@ MODEL_VARIANT_FLAGS = {
                          "cross-attention, in-context, mm-dit (Stable Diffusion 3's joint attention)"),
     "--context-tokens": dict(type=int, default=4,
                              help="--block mm-dit: length of the learned condition token sequence per class"),
+    "--pos": dict(choices=["sincos", "rope", "none"], default="sincos",
+                  help="positions: sincos (the paper's fixed table), rope (axial 2D rotary on queries and keys: "
+                       "trains at one size, samples at others), none"),
+    "--rope-base": dict(type=float, default=10000.0, help="--pos rope: base of the rotary frequencies"),
+    "--qk-norm": dict(action=argparse.BooleanOptionalAction, default=False,
+                      help="normalise each head's queries and keys (by --norm's kind)"),
+    "--mlp": dict(choices=["gelu", "swiglu"], default="gelu",
+                  help="gelu (the paper's) or swiglu (2/3 of the width: about the same parameters)"),
+    "--norm": dict(choices=["layernorm", "rmsnorm"], default="layernorm", help="layernorm (the paper's) or rmsnorm"),
 }
 
 
