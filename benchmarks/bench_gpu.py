@@ -3,7 +3,8 @@ utilisation (MFU), peak memory, and sampling images/s with DDPM-250 and DPM-Solv
 
     python benchmarks/bench_gpu.py                          # DiT-XL/2 and DiT-B/2, 256px, bf16, compiled
     python benchmarks/bench_gpu.py --models DiT-XL/2 --batch-size 256 --precision bf16 --grad-checkpointing
-    python benchmarks/bench_gpu.py --device cpu --models DiT-S/8 --steps 2 --batch-size 2 --ddpm-steps 3
+    python benchmarks/bench_gpu.py --device cpu --models DiT-S/8 --steps 2 --batch-size 2 --ddpm-steps 3 \
+        --dpm-steps 5                                       # the tiny CPU check (tests/test_speed.py)
 
 A training step is train.py's own (`train.train_step`: autocast, backward, AdamW fused on
 CUDA, EMA update) on latents already encoded (as with --feature-path), copied from pinned host
@@ -49,7 +50,8 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (one GPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (they absorb compilation)")
-    parser.add_argument("--precision", choices=cli.PRECISIONS, default="bf16")
+    parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
+                        help="default bf16 on CUDA, fp32 on CPU (where bf16 is emulated without AVX-512 BF16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="models.compile_blocks (default: on CUDA)")
     parser.add_argument("--grad-checkpointing", action="store_true")
@@ -77,12 +79,12 @@ def peak_tflops(args, device):
         for key, value in PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
             if key in name:
                 return value, f"{name} data sheet"
-    n = 2048 if device.type == "cuda" else 512
+    n = 4096 if device.type == "cuda" else 1024
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     sync(device)
-    start, reps = time.perf_counter(), 20
+    start, reps = time.perf_counter(), 20 if device.type == "cuda" else 5
     for _ in range(reps):
         a @ b
     sync(device)
@@ -178,6 +180,8 @@ def main():
     device = pick_device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
     cli.set_tf32(args.precision, device)
     peak, source = peak_tflops(args, device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "

@@ -127,7 +127,8 @@ def train_once(code, extra, work, images, vae, args, tag):
     if result.returncode != 0:
         sys.exit(f"error: train.py ({tag}) failed:\n{result.stderr[-3000:]}")
     with open(marks) as f:
-        (wall0, cpu0), (wall1, cpu1) = (json.load(f)[i] for i in (args.warmup, args.warmup + args.steps))
+        recorded = json.load(f)
+    (wall0, cpu0), (wall1, cpu1) = recorded[args.warmup], recorded[args.warmup + args.steps]
     return args.steps / (wall1 - wall0), args.steps / (cpu1 - cpu0)
 
 
