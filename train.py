@@ -405,7 +405,7 @@ def restore(state, ckpt, path, args, steps_per_epoch):
     state.opt.load_state_dict(ckpt["opt"])
     for group in state.opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-        group.update(adamw_kernel(next(state.model.parameters()).device))  # the saved state names the saving machine's
+        group.update(adamw_kernel(next(state.model.parameters()).device))  # not the saving machine's
     if ckpt.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(ckpt["scaler"])
     state.train_steps, state.epoch = ckpt["train_steps"], ckpt.get("epoch", 0)

@@ -7,8 +7,9 @@ The old code is materialised from git (`git archive OLD`) into a scratch folder,
 from their own files on the same job. Runs alternate (old, new, new --compile, old, ...) and
 each variant's median over --repeats is reported, because a shared machine's speed drifts.
 
-train: `torchrun --nproc_per_node=2 train.py` (gloo on CPU; a launcher times train_step calls) on generated 256px JPEGs through a
-small stand-in VAE (tests/tiny_vae.py: the Stable Diffusion VAE's shape, 8 channels), DiT-S/2,
+train: `torchrun --nproc_per_node=2 train.py` (gloo on CPU; a launcher times train_step calls) on
+generated 256px JPEGs through a small stand-in VAE (tests/tiny_vae.py: the Stable Diffusion
+VAE's shape, 8 channels), DiT-S/2,
 global batch 8; steps/s from each run's metrics.jsonl after --warmup steps (which also absorb
 --compile's compilation). forward: DiT-S/2 (random, non-zero weights) at batch 8 on 32x32x4
 latents, forward and forward+backward on one thread, each variant in a fresh process that
@@ -180,7 +181,8 @@ def bench_forward(args, old, new):
             runs[name].append(forward_once(code, fast, args))
             r = runs[name][-1]
             print(f"  repeat {repeat} {name}: forward {r['forward']:.3f}s, forward+backward "
-                  f"{r['forward_backward']:.3f}s, first call {r['first_call']:.1f}s, {r['threads']} threads", flush=True)
+                  f"{r['forward_backward']:.3f}s, first call {r['first_call']:.1f}s, {r['threads']} threads",
+                  flush=True)
     for key in ("forward", "forward_backward", "forward_cpu", "forward_backward_cpu"):
         speed = {name: [args.batch_size / r[key] for r in rs] for name, rs in runs.items()}
         print(f"{key} (images/s{' of CPU time, one thread' if key.endswith('cpu') else ''}):")
