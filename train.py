@@ -67,7 +67,7 @@ import metrics
 import vae as vae_lib
 from diffusion import OBJECTIVES, create_process
 from diffusion.flow import T_SAMPLINGS
-from models import describe_state_dict, load_weights, model_args_for
+from models import compile_blocks, describe_state_dict, load_weights, model_args_for
 
 
 # ------------------------------------------------------------------ flags
@@ -98,7 +98,6 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1): the EMA's weight on its past")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (off)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="data-loading processes per rank (default 0 for data held in memory, else 4)")
     parser.add_argument("--log-every", type=cli.positive_int, default=100)
@@ -113,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-num-samples", type=cli.positive_int, default=1000)
     parser.add_argument("--eval-cfg-scale", type=cli.finite_float, default=1.5)
     metrics.add_logger_flag(parser)
-    cli.add_device_flags(parser, precision="tf32")
+    cli.add_device_flags(parser, precision="tf32", compile=True)
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
     return check_objective_flags(parser.parse_args(argv))
@@ -393,9 +392,17 @@ def build_state(run):
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            **adamw_kernel(run.device))
     scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
     return State(model, ema, opt, scaler)
+
+
+def adamw_kernel(device):
+    """AdamW's implementation: fused on CUDA (one kernel for all tensors), multi-tensor (foreach)
+    on CPU, where PyTorch's default is a loop over the tensors; foreach gives the loop's results
+    bit for bit (tests/test_speed.py)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def restore(state, ckpt, path, args, steps_per_epoch):
@@ -408,6 +415,7 @@ def restore(state, ckpt, path, args, steps_per_epoch):
     state.opt.load_state_dict(ckpt["opt"])
     for group in state.opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        group.update(adamw_kernel(next(state.model.parameters()).device))  # not the saving machine's
     if ckpt.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(ckpt["scaler"])
     state.train_steps, state.epoch = ckpt["train_steps"], ckpt.get("epoch", 0)
@@ -523,6 +531,8 @@ def model_input(run, batch, flip, latent_noise, vae):
     x = images.float() / 127.5 - 1
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if vae is not None:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         mean, std = vae_lib.encode_distribution(vae, x)
         x = vae_lib.sample_latents(mean, std, noise=latent_noise)
     return x, y
@@ -724,15 +734,18 @@ def train(run):
     need_vae = args.vae != "none" and (not args.feature_path or (run.rank == 0 and args.sample_every)
                                        or args.eval_every)
     vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
+    if vae is not None and run.device.type == "cuda":  # cuDNN's faster layout for the encoder's convolutions
+        vae = vae.to(memory_format=torch.channels_last)
     state = build_state(run)
     if resume.path:
         restore(state, resume.ckpt, resume.path, args, steps_per_epoch)
         resume.ckpt = None  # free the loaded copy
     open_experiment(run, resume, state)
-    state.trained = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
-        if run.world_size > 1 else state.model
-    if args.compile:
-        state.trained = torch.compile(state.trained)
+    if args.compile:  # before DDP wraps it: DDP's gradient hooks stay outside the compiled graphs
+        compile_blocks(state.model)
+    # Gradients as views of DDP's buckets: no copy of every gradient into them each step.
+    state.trained = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                        gradient_as_bucket_view=True) if run.world_size > 1 else state.model
     state.trained.train()
     if run.rank == 0:
         log_start(run, state, dataset, steps_per_epoch, resume)
