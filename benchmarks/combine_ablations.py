@@ -1,7 +1,7 @@
 """One figure and table from several ablate.py output folders (ablate.py varies one flag at a time; a
 variant that changes several flags is a second command): each folder's variants, renamed if asked.
 
-    python docs/combine_ablations.py results/ablation_pos results/ablation_modern_block \
+    python benchmarks/combine_ablations.py results/ablation_pos results/ablation_modern_block \
         --rename "results/ablation_modern_block:pos=rope->pos=rope + qk-norm, swiglu, rmsnorm" --out docs/ablation_modern.png
 """
 import argparse

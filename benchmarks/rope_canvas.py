@@ -2,7 +2,7 @@
 modern block"): one row per class, guidance 4, dpm-solver 25 steps, the same noise seeds for every
 model; the trained 8x8, then 8x16 and 16x16. Writes docs/rope_canvas.png.
 
-    python docs/rope_canvas.py results/ablation_pos/runs/pos-rope_seed-0 results/ablation_pos/runs/pos-sincos_seed-0
+    python benchmarks/rope_canvas.py results/ablation_pos/runs/pos-rope_seed-0 results/ablation_pos/runs/pos-sincos_seed-0
 """
 import argparse
 import glob
