@@ -319,3 +319,11 @@ def test_checkpoint_rebuilds_the_modern_model_in_sample_py(pixels, tmp_path):
     assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, *MODERN_FLAGS, "--resume", "auto")) is None
     with pytest.raises(cli.UserError, match="qk-norm"):
         sampling.load_model(sample.parse_args(["--ckpt", ckpt, "--no-qk-norm"]), torch.device("cpu"))
+    # flags that change no shapes would run the same weights as another network: refused too
+    for flags, words in ((["--norm", "layernorm"], "trained with --norm rmsnorm"),
+                         (["--rope-base", "10000"], "trained with --rope-base 100.0"),
+                         (["--pos", "none"], "trained with --pos rope")):
+        with pytest.raises(cli.UserError, match=words):
+            sampling.load_model(sample.parse_args(["--ckpt", ckpt, *flags]), torch.device("cpu"))
+    model, _ = sampling.load_model(sample.parse_args(["--ckpt", ckpt, "--norm", "rmsnorm"]), torch.device("cpu"))
+    assert model.model_args["norm"] == "rmsnorm"  # the checkpoint's own value is fine
