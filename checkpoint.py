@@ -352,9 +352,6 @@ def check_shared_embedders(theirs, depth, source):
 
 def diffusers_config(model_args):
     """DiTTransformer2DModel's constructor arguments for our (complete) model_args, refusing what it lacks."""
-    if isinstance(model_args["input_size"], (list, tuple)):
-        raise UserError(f"DiTTransformer2DModel takes square inputs only; this DiT's input is "
-                        f"{model_args['input_size'][0]}x{model_args['input_size'][1]}: export it as .safetensors")
     if model_args.get("block", "adaLN-Zero") != "adaLN-Zero":
         raise UserError(f"DiTTransformer2DModel has adaLN-Zero blocks only; this DiT's are {model_args['block']}: "
                         f"export it as .safetensors instead")

@@ -189,13 +189,17 @@ def image_size(text):
     wide). An int for a square size, also written `NxN`, so square runs record exactly what they
     always did; else [H, W] (a list: it reads back from JSON unchanged)."""
     parts = str(text).strip().lower().split("x")
-    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        sides = []
+    if not 1 <= len(sides) <= 2:
         raise argparse.ArgumentTypeError(f"{text!r} is not an image size; give N for a square (e.g. 256) or HxW, "
                                          f"height x width in pixels (e.g. 256x384)")
-    height, width = (int(parts[0]), int(parts[-1]))
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: the height and width must be at least 1")
-    return size_value(height, width)
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1{' on each side' if len(sides) == 2 else ''}, "
+                                         f"got {text}")
+    return size_value(sides[0], sides[-1])
 
 
 def size_value(height, width):

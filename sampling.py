@@ -34,7 +34,7 @@ from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import compile_blocks, config_name, load_weights, model_args_for
+from models import compile_blocks, config_name, model_args_for
 
 SAMPLERS = cli.SAMPLERS
 
@@ -110,20 +110,18 @@ def load_model(args, device):
                             f"for this model (patch {model_args['patch_size']}"
                             + (")" if downsample == 1 else f", in latents {downsample} times smaller)"))
     image_size = cli.size_value(height, width)  # 256x256 is recorded as 256
-    model_args["input_size"] = cli.size_value(height // downsample, width // downsample)
+    latent_size = cli.size_value(height // downsample, width // downsample)
+    model_args["input_size"] = trained or latent_size  # DiT runs at any size; built at the trained one
     model_args["num_classes"] = args.num_classes or model_args["num_classes"]
     # A checkpoint trained through a local VAE folder decodes with it too, unless told otherwise.
     vae_path = args.vae_path or (loaded.settings.get("vae_path") if args.vae is None else None)
 
-    what = f"checkpoint {loaded.source}"
-    model = checkpoint.build_model(model_args, what=what)  # drawing its initialisation, as the original
-    state_dict = loaded.state_dict
-    if trained is not None and cli.height_width(model_args["input_size"]) != cli.height_width(trained):
-        state_dict = positions_for_new_size(loaded, model, trained, downsample)
-    model = load_weights(model, state_dict, what).to(device)
+    model = checkpoint.build_model(model_args, loaded.state_dict, f"checkpoint {loaded.source}").to(device)
+    if cli.height_width(latent_size) != cli.height_width(model_args["input_size"]):
+        warn_other_size(loaded.source, model_args, image_size, downsample)
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
-                             model_args["input_size"], ckpt, model_args, loaded.diffusion_args)
+                             latent_size, ckpt, model_args, loaded.diffusion_args)
     if getattr(args, "compile", False):  # the fast mode, --compile
         compile_blocks(model)
     return model.eval(), settings
@@ -145,18 +143,16 @@ def scaled_size(size, factor):
     return cli.size_value(height * factor, width * factor)
 
 
-def positions_for_new_size(loaded, model, trained, downsample):
-    """The weights to sample at a size other than the training size. A model without a position
-    table (--pos rope or none) takes any grid as it is. DiT's fixed sine-cosine table is
-    recomputed for the new grid, with a warning: the model never saw those positions trained."""
-    if "pos_embed" not in loaded.state_dict:
-        return loaded.state_dict
-    new = cli.size_text(scaled_size(model.model_args["input_size"], downsample))
-    old = cli.size_text(scaled_size(trained, downsample))
-    print(f"warning: {loaded.source} was trained at {old} px with fixed sine-cosine positions; sampling at {new} px "
-          f"recomputes them for the new grid, positions the model never trained on (expect weaker images)",
-          file=sys.stderr)
-    return {**loaded.state_dict, "pos_embed": model.pos_embed.detach()}  # the table built for this grid
+def warn_other_size(source, model_args, image_size, downsample):
+    """Sampling at a size other than the training size: models without a position table
+    (--pos rope, none) take any grid as they are; DiT's fixed sine-cosine table is recomputed for
+    the new grid (models.py), positions the model never trained on: one line says so."""
+    if model_args.get("pos", "sincos") != "sincos":
+        return
+    trained = cli.size_text(scaled_size(model_args["input_size"], downsample))
+    print(f"warning: {source} was trained at {trained} px with fixed sine-cosine positions; at "
+          f"{cli.size_text(image_size)} px they are recomputed for the new grid, positions it never trained on "
+          f"(expect weaker images; --pos rope models are made for this)", file=sys.stderr)
 
 
 def _model_args_from_flags(args, loaded, vae):
