@@ -39,6 +39,7 @@ from sample import check_sampling_args, check_writable
 IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
                   "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
                   "precision", "cfg_interval", "atol", "rtol", "sde_diffusion")
+CACHE_SETTINGS = ("cache_interval", "cache_start")  # checked when caching (older records lack them)
 
 
 def parse_args(argv=None):
@@ -61,10 +62,11 @@ def parse_args(argv=None):
 
 
 def folder_name(args, settings):
-    """The original's naming, plus the sampler and its step count."""
+    """The original's naming, plus the sampler and its step count (and the block caching, if any)."""
     ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    cache = f"-cache-{args.cache_interval}-from-{args.cache_start}" if args.cache_interval > 1 else ""
     return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{settings.image_size}-vae-{settings.vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}")
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}")
 
 
 def class_labels(args, num_classes, indices, generators):
@@ -140,7 +142,8 @@ def _sample(args, rank, world_size, device):
                   "num_fid_samples", "per_proc_batch_size")}}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
-    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ()))
+    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())
+                        + (CACHE_SETTINGS if sampler.cache_interval > 1 else ()))
     os.makedirs(folder, exist_ok=True)
     missing = [i for i in range(args.num_fid_samples) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
     distributed.barrier()
