@@ -165,6 +165,9 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
                              "reuse it and run only the earlier blocks (default 1: no caching)")
     parser.add_argument("--cache-start", type=non_negative_int, default=0, metavar="K",
                         help="with --cache-interval: blocks 0 .. K-1 run at every evaluation (default 0)")
+    parser.add_argument("--cache-above", type=finite_float, default=0.0, metavar="LEVEL",
+                        help="with --cache-interval: reuse only at noise levels of LEVEL and above (t for flow, "
+                             "timestep/1000 for eps and v); the steps below run every block (default 0)")
 
 
 def add_device_flags(parser, precision):

@@ -39,7 +39,7 @@ from sample import check_sampling_args, check_writable
 IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
                   "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
                   "precision", "cfg_interval", "atol", "rtol", "sde_diffusion")
-CACHE_SETTINGS = ("cache_interval", "cache_start")  # checked when caching (older records lack them)
+CACHE_SETTINGS = ("cache_interval", "cache_start", "cache_above")  # checked when caching (older records lack them)
 
 
 def parse_args(argv=None):
@@ -64,7 +64,8 @@ def parse_args(argv=None):
 def folder_name(args, settings):
     """The original's naming, plus the sampler and its step count (and the block caching, if any)."""
     ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
-    cache = f"-cache-{args.cache_interval}-from-{args.cache_start}" if args.cache_interval > 1 else ""
+    cache = (f"-cache-{args.cache_interval}-from-{args.cache_start}"
+             + (f"-above-{args.cache_above:g}" if args.cache_above else "") if args.cache_interval > 1 else "")
     return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{settings.image_size}-vae-{settings.vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}")
 

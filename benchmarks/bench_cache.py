@@ -42,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", type=float, nargs="+", default=[4.0, 1.0])
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--cache-start", type=int, default=0)
+    parser.add_argument("--cache-above", type=float, default=0.0)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -79,18 +80,20 @@ def score_runs(args, results):
         name, steps = run.split(":")
         for cfg in args.cfg:
             for interval in args.intervals:
-                key = f"{name}:{steps} cfg {cfg} interval {interval} start {args.cache_start} n {len(labels)}"
+                key = (f"{name}:{steps} cfg {cfg} interval {interval} start {args.cache_start} above "
+                       f"{args.cache_above:g} n {len(labels)}").replace(" above 0 n", " n")  # older keys: above 0
                 if key in results:
                     continue
                 sampler = sampling.make_sampler(name, int(steps), settings.diffusion_args, cache_interval=interval,
-                                                cache_start=args.cache_start)
+                                                cache_start=args.cache_start, cache_above=args.cache_above)
                 calls.clear()
                 start = time.perf_counter()
                 images = sample_digits(model, settings, sampler, labels.tolist(), cfg, args.seed)
                 seconds = time.perf_counter() - start
                 score = scorer.score(images, labels)
                 results[key] = dict(sampler=name, steps=int(steps), cfg=cfg, interval=interval,
-                                    start=args.cache_start, samples=len(labels), nfe=sampler.nfe,
+                                    start=args.cache_start, above=args.cache_above, samples=len(labels),
+                                    nfe=sampler.nfe,
                                     block_evals=len(calls), seconds=seconds, accuracy=score["accuracy"],
                                     frechet_distance=score["frechet_distance"])
                 save_json(results, args.out)
@@ -100,13 +103,14 @@ def score_runs(args, results):
 
 def table(results):
     """Markdown rows with ratios to the uncached run of the same sampler, guidance and sample count."""
-    rows = ["| sampler | cfg | interval | block evals | fewer x | wall s | faster x | accuracy | d acc (pts) "
-            "| FD | FD / uncached |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| sampler | cfg | interval | start | above | block evals | fewer x | wall s | faster x | accuracy | d acc (pts) "
+            "| FD | FD / uncached |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         base = reference(results, r)
         if base is None:
             continue
-        rows.append(f"| {r['sampler']}-{r['steps']} | {r['cfg']:g} | {r['interval']} | {r['block_evals']} | "
+        rows.append(f"| {r['sampler']}-{r['steps']} | {r['cfg']:g} | {r['interval']} | {r['start']} | "
+                    f"{r.get('above', 0):g} | {r['block_evals']} | "
                     f"{base['block_evals'] / r['block_evals']:.2f} | {r['seconds']:.1f} | "
                     f"{base['seconds'] / r['seconds']:.2f} | {r['accuracy']:.1%} | "
                     f"{100 * (r['accuracy'] - base['accuracy']):+.1f} | {r['frechet_distance']:.2f} | "
@@ -129,12 +133,13 @@ def plot(results, path):
     for r in results.values():
         base = reference(results, r)
         if base is not None:
-            label = f"{r['sampler']}-{r['steps']}, cfg {r['cfg']:g} ({r['samples']} samples)"
+            label = (f"{r['sampler']}-{r['steps']}, cfg {r['cfg']:g}, start {r['start']}, "
+                     f"above {r.get('above', 0):g} ({r['samples']} samples)")
             series.setdefault(label, []).append((base["block_evals"] / r["block_evals"],
                                                  r["frechet_distance"] / base["frechet_distance"],
                                                  100 * (r["accuracy"] - base["accuracy"]), r["interval"]))
     for label, points in series.items():
-        points.sort()
+        points = sorted(set(points) | {(1.0, 1.0, 0.0, 1)})  # the uncached reference opens every line
         speed, fd, acc, intervals = zip(*points)
         line, = axes[0].plot(speed, fd, "o-", label=label)
         axes[1].plot(speed, acc, "o-", color=line.get_color(), label=label)

@@ -141,6 +141,16 @@ def test_a_batch_change_runs_every_block():
     assert len(calls) == 2 + 0 + 2 + 2
 
 
+def test_the_least_noisy_steps_run_every_block():
+    model = random_model()
+    calls = count_blocks(model)
+    for above, expected in ((0.0, 2 + 0 + 0 + 0), (0.3, 2 + 0 + 2 + 2)):  # ddim-4 levels 0.75, 0.5, 0.25, 0.0
+        calls.clear()
+        sampling.generate(model, sampling.make_sampler("ddim", 4, cache_interval=4, cache_above=above), [1], 1.0,
+                          noise(1))
+        assert len(calls) == expected
+
+
 def test_cached_seeded_samples_do_not_depend_on_their_batch(tmp_path):
     """Each sample's residual is its own: alone or in a batch, the same image (as sample_ddp.py promises)."""
     ckpt = str(tmp_path / "tiny.pt")
@@ -172,14 +182,14 @@ def test_flags_reach_sample_ddp_its_record_and_folder(pixel_ckpt, tmp_path, caps
     argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "3", "--per-proc-batch-size", "2",
             "--sampler", "ddim", "--num-sampling-steps", "4", "--sample-dir", str(tmp_path)]
     plain = sample_ddp.main(argv)
-    cached = sample_ddp.main(argv + ["--cache-interval", "2", "--cache-start", "1"])
-    assert cached != plain and cached.endswith("-cache-2-from-1.npz")
+    cached = sample_ddp.main(argv + ["--cache-interval", "2", "--cache-start", "1", "--cache-above", "0.1"])
+    assert cached != plain and cached.endswith("-cache-2-from-1-above-0.1.npz")
     with open(cached[:-len(".npz")] + ".json") as f:
         record = json.load(f)
-    assert (record["cache_interval"], record["cache_start"]) == (2, 1)
+    assert (record["cache_interval"], record["cache_start"], record["cache_above"]) == (2, 1, 0.1)
     assert (np.load(cached)["arr_0"] != np.load(plain)["arr_0"]).any()
     os.remove(cached)  # resuming completes the set from the PNGs, with the same settings
-    assert sample_ddp.main(argv + ["--cache-interval", "2", "--cache-start", "1"]) == cached
+    assert sample_ddp.main(argv + ["--cache-interval", "2", "--cache-start", "1", "--cache-above", "0.1"]) == cached
 
 
 def test_flags_reach_digits_score(pixel_ckpt, monkeypatch):
@@ -191,14 +201,16 @@ def test_flags_reach_digits_score(pixel_ckpt, monkeypatch):
     monkeypatch.setattr(sampling, "generate_from_checkpoint", fake_generate)
     monkeypatch.setattr(digits, "DigitScorer", lambda: SimpleNamespace(
         score=lambda images, labels: {"accuracy": 0.0, "frechet_distance": 0.0}))
-    digits.main(["score", "--ckpt", pixel_ckpt, "--per-class", "1", "--cache-interval", "3", "--cache-start", "1"])
-    assert (seen["cache_interval"], seen["cache_start"]) == (3, 1)
+    digits.main(["score", "--ckpt", pixel_ckpt, "--per-class", "1", "--cache-interval", "3", "--cache-start", "1",
+                 "--cache-above", "0.2"])
+    assert (seen["cache_interval"], seen["cache_start"], seen["cache_above"]) == (3, 1, 0.2)
 
 
 @pytest.mark.parametrize("options, words", [
     (dict(cache_interval=0), "--cache-interval 0"),
     (dict(cache_interval=2.5), "--cache-interval 2.5"),
     (dict(cache_start=-1), "--cache-start -1"),
+    (dict(cache_above=1.0), "--cache-above 1.0"),
 ])
 def test_bad_values_are_one_line(options, words):
     with pytest.raises(cli.UserError, match=words):
