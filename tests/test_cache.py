@@ -65,8 +65,7 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("block, name, steps", [(block, "ddim", 12) for block in BLOCKS] + [
-    ("adaLN-Zero", "dpm-solver", 10), ("mm-dit", "dpm-solver", 10)])
+@pytest.mark.parametrize("block, name, steps", [(block, "ddim", 12) for block in BLOCKS])
 def test_cached_samples_stay_close_to_the_uncached(block, name, steps):
     """Tolerance: relative L2 error below 25% at interval 2 (unguided, random weights, whose
     features vary far more between steps than a trained model's: on the trained digits model the
