@@ -169,6 +169,15 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
     parser.add_argument("--rtol", type=finite_float, default=1e-3, help="dopri5: relative tolerance")
     parser.add_argument("--sde-diffusion", type=finite_float, default=1.0,
                         help="sde: the diffusion coefficient w(t) = VALUE * t (SiT's default form); 0 = euler")
+    parser.add_argument("--cache-interval", type=positive_int, default=1, metavar="N",
+                        help="faster sampling, training-free (sampling.BlockCache): every N-th model evaluation "
+                             "runs all blocks and keeps the residual of those from --cache-start on; the others "
+                             "reuse it and run only the earlier blocks (default 1: no caching)")
+    parser.add_argument("--cache-start", type=non_negative_int, default=0, metavar="K",
+                        help="with --cache-interval: blocks 0 .. K-1 run at every evaluation (default 0)")
+    parser.add_argument("--cache-above", type=finite_float, default=0.0, metavar="LEVEL",
+                        help="with --cache-interval: reuse only at noise levels of LEVEL and above (t for flow, "
+                             "timestep/1000 for eps and v); the steps below run every block (default 0)")
 
 
 def add_device_flags(parser, precision, compile=False):
@@ -225,6 +234,13 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 

@@ -516,13 +516,14 @@ class DiT(nn.Module):
                                                           in_pixels=False, device=device)
         return self.pos_tables[key]
 
-    def forward(self, x, t, y, force_drop_ids=None, context=None):
+    def forward(self, x, t, y, force_drop_ids=None, context=None, block_cache=None):
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
         force_drop_ids: optional (N,) with 1 where the label is dropped, replacing the random
         label dropout (train.py draws it from its own seed so that runs are reproducible).
         context: mm-dit only, an (N, L, hidden_size) condition sequence (e.g. a text encoder's
         output, projected) replacing the class tokens; y still adds its class embedding to t.
-        Any height and width that are multiples of the patch work; positions follow the input's grid."""
+        Any height and width that are multiples of the patch work; positions follow the input's grid.
+        block_cache: sampling only, see run_blocks."""
         grid = self.token_grid(x)
         x = self.x_embedder(x)
         if self.pos == "sincos":
@@ -533,7 +534,8 @@ class DiT(nn.Module):
         c = t_emb + y_emb
         if self.block == "in-context":  # two more tokens, removed again before the output layer
             x = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1)
-        x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context), self.rotary(grid, x.device))
+        x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context), self.rotary(grid, x.device),
+                            block_cache)
         if self.block == "in-context":
             x = x[:, :grid[0] * grid[1]]
         return self.unpatchify(self.final_layer(x, c), grid)
@@ -556,9 +558,16 @@ class DiT(nn.Module):
                              f"{tuple(context.shape)}")
         return c, context
 
-    def run_blocks(self, x, inputs, rope=None):
-        """The blocks in turn; an mm-dit block also returns the condition stream the next one takes."""
-        for block in self.blocks:
+    def run_blocks(self, x, inputs, rope=None, block_cache=None):
+        """The blocks in turn; an mm-dit block also returns the condition stream the next one takes.
+        block_cache (a sampling.BlockCache, for faster sampling): at block block_cache.start it may
+        hand back the tokens plus the residual the remaining blocks added at an earlier call, in
+        place of running them; otherwise it records that residual. It counts the blocks run."""
+        for i, block in enumerate(self.blocks):
+            if block_cache is not None and i == block_cache.start:
+                reused = block_cache.enter(x)
+                if reused is not None:
+                    return reused
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(block, x, *inputs, rope=rope, use_reentrant=False)
             else:
@@ -567,9 +576,11 @@ class DiT(nn.Module):
                 x, inputs = out[0], (inputs[0], out[1])
             else:
                 x = out
-        return x
+            if block_cache is not None:
+                block_cache.block_evals += 1
+        return x if block_cache is None else block_cache.leave(x)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None):
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None, block_cache=None):
         """Classifier-free guidance. The batch is the conditional half followed by the same
         latents with the null label; both halves get the guided noise prediction.
 
@@ -579,7 +590,7 @@ class DiT(nn.Module):
         the conditional then the unconditional condition sequences, as the labels.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y, context=context)
+        out = self.forward(torch.cat([half, half]), t, y, context=context, block_cache=block_cache)
         n = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :n], out[:, n:]
         cond_eps, uncond_eps = eps.split(len(eps) // 2, dim=0)

@@ -42,6 +42,7 @@ IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "
                   "precision", "cfg_interval", "atol", "rtol", "sde_diffusion", "vae_tiling")
 # Settings added after the first release, with the value runs made before them had.
 ADDED_SETTINGS = {"vae_tiling": False}
+CACHE_SETTINGS = ("cache_interval", "cache_start", "cache_above")  # checked when caching (older records lack them)
 
 
 def parse_args(argv=None):
@@ -64,10 +65,12 @@ def parse_args(argv=None):
 
 
 def folder_name(args, settings):
-    """The original's naming, plus the sampler and its step count."""
+    """The original's naming, plus the sampler and its step count (and the block caching, if any)."""
     ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    cache = (f"-cache-{args.cache_interval}-from-{args.cache_start}"
+             + (f"-above-{args.cache_above:g}" if args.cache_above else "") if args.cache_interval > 1 else "")
     return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{cli.size_text(settings.image_size)}-vae-{settings.vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}")
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}")
 
 
 def class_labels(args, num_classes, indices, generators):
@@ -143,7 +146,8 @@ def _sample(args, rank, world_size, device):
                   "num_fid_samples", "per_proc_batch_size", "vae_tiling")}}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
-    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ()))
+    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())
+                        + (CACHE_SETTINGS if sampler.cache_interval > 1 else ()))
     os.makedirs(folder, exist_ok=True)
     missing = [i for i in range(args.num_fid_samples) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
     distributed.barrier()

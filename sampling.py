@@ -200,41 +200,115 @@ class Sampler:
     atol: float = None  # dopri5's tolerances
     rtol: float = None
     sde_diffusion: float = None  # sde: w(t) = sde_diffusion * t
+    cache_interval: int = 1  # BlockCache: every N-th model call runs all blocks; 1 = no caching
+    cache_start: int = 0  # BlockCache: the blocks before this one run at every call
+    cache_above: float = 0.0  # BlockCache: reuse only at noise levels of this one and above
     nfe: int = 0  # model evaluations per sample in the last generate() call (a guided pair counts once)
+    block_evals: int = 0  # DiT blocks run per sample in the last generate() call (0: not counted, no caching)
 
     def settings(self):
         """What changes the images, for sample_ddp.py's record (None where it does not apply)."""
+        cached = self.cache_interval > 1
         return {"sampler": self.name, "num_sampling_steps": self.steps, "atol": self.atol, "rtol": self.rtol,
                 "cfg_interval": list(self.cfg_interval) if self.cfg_interval else None,
-                "sde_diffusion": self.sde_diffusion}
+                "sde_diffusion": self.sde_diffusion, "cache_interval": self.cache_interval,
+                "cache_start": self.cache_start if cached else None,
+                "cache_above": self.cache_above if cached else None}
+
+
+class BlockCache:
+    """Training-free faster sampling by reusing deep-block outputs between adjacent model calls
+    (the idea of FORA, Selvaraju et al. 2024, and Delta-DiT, Chen et al. 2024): the model's
+    features change little from one sampling step to the next, the deep blocks' the least.
+
+    Every `interval`-th call of a generate() run (the first included) runs all blocks and keeps,
+    per sample, the residual the blocks from `start` on added to the tokens (their output minus
+    their input). The calls in between run the embeddings, blocks 0 .. start - 1 and the output
+    layer (with this step's timestep modulation) and add the kept residual in place of the rest.
+    Calls at noise levels below `above` (t for flow, timestep / 1000 for eps and v) run all blocks:
+    the last, least noisy steps, where fine detail forms, as Dynamic DiT spends its full depth
+    there too. A call whose batch differs from the kept one (--cfg-interval switching between the
+    guided and the conditional batch) runs all blocks. The state lives in one generate() run only, and
+    each sample's residual is its own row, so samples stay independent of their batch."""
+
+    def __init__(self, interval, start, above=0.0):
+        self.interval, self.start, self.above = interval, start, above
+        self.calls = self.block_evals = 0
+        self.residual = self._entry = None
+        self.level = 1.0
+
+    def next_call(self, level=1.0):
+        """A new model call, at noise level `level`."""
+        self.calls += 1
+        self.level = level
+
+    def enter(self, x):
+        """The tokens at block `start`: x plus the kept residual on a reusing call, else None (run them)."""
+        reuse = (self.calls - 1) % self.interval != 0 and self.level >= self.above
+        if reuse and self.residual is not None and self.residual.shape == x.shape:
+            return x + self.residual
+        self._entry = x
+        return None
+
+    def leave(self, x):
+        """The tokens after the last block, on a call that ran them all: keeps their residual."""
+        self.residual, self._entry = x - self._entry, None
+        return x
 
 
 def sampler_options(args):
     """make_sampler's options from the flags of cli.add_sampler_flags (the script's defaults included)."""
     return dict(default=(getattr(args, "default_sampler", "ddpm"), getattr(args, "default_sampling_steps", 250)),
                 cfg_interval=getattr(args, "cfg_interval", None), atol=getattr(args, "atol", 1e-6),
-                rtol=getattr(args, "rtol", 1e-3), sde_diffusion=getattr(args, "sde_diffusion", 1.0))
+                rtol=getattr(args, "rtol", 1e-3), sde_diffusion=getattr(args, "sde_diffusion", 1.0),
+                cache_interval=getattr(args, "cache_interval", 1), cache_start=getattr(args, "cache_start", 0),
+                cache_above=getattr(args, "cache_above", 0.0))
 
 
 def make_sampler(name, steps, diffusion_args=None, *, default=("ddpm", 250), cfg_interval=None, atol=1e-6,
-                 rtol=1e-3, sde_diffusion=1.0):
+                 rtol=1e-3, sde_diffusion=1.0, cache_interval=1, cache_start=0, cache_above=0.0):
     """ddpm: str(steps) respacing; ddim: ddim{steps}; dpm-solver: its own grid over the training
     steps; euler, heun, sde: `steps` equal steps in t; dopri5: adaptive. diffusion_args: the
     process the model was trained with (a checkpoint records them). name / steps None: the
-    objective's default, `default` (name, steps) for eps and v, heun and FLOW_STEPS for flow."""
+    objective's default, `default` (name, steps) for eps and v, heun and FLOW_STEPS for flow.
+    cache_interval > 1: reuse the blocks from cache_start on between model calls at noise levels
+    from cache_above up (BlockCache)."""
     objective = _objective(diffusion_args)
     name, steps = _resolve(name, steps, objective, default)
     check_sampler_fits(name, objective)
     if steps < 1 and name != "dopri5":
         raise cli.UserError(f"--num-sampling-steps must be at least 1, got {steps}")
     _check_options(cfg_interval, atol, rtol, sde_diffusion)
+    _check_cache(name, cache_interval, cache_start, cache_above)
     if objective == "flow":
         diffusion = create_process(diffusion_args)
     else:
         diffusion = _gaussian_process(name, steps, diffusion_args)
     return Sampler(name, steps, diffusion, objective, tuple(cfg_interval) if cfg_interval else None,
                    atol if name == "dopri5" else None, rtol if name == "dopri5" else None,
-                   sde_diffusion if name == "sde" else None)
+                   sde_diffusion if name == "sde" else None, int(cache_interval), int(cache_start), float(cache_above))
+
+
+def _check_cache(name, cache_interval, cache_start, cache_above):
+    if not (isinstance(cache_interval, int) and cache_interval >= 1):
+        raise cli.UserError(f"--cache-interval {cache_interval} must be a whole number of at least 1 "
+                            f"(1 = no caching; 2 or 3 reuse the deep blocks every other or two in three calls)")
+    if not (isinstance(cache_start, int) and cache_start >= 0):
+        raise cli.UserError(f"--cache-start {cache_start} must be a block index, 0 or more (0: reuse all blocks)")
+    if not 0 <= cache_above < 1:
+        raise cli.UserError(f"--cache-above {cache_above} must be a noise level in [0, 1) (t for flow, "
+                            f"timestep/1000 for eps and v), e.g. 0.2; 0 reuses at every level")
+    if cache_interval > 1 and name == "dopri5":
+        raise cli.UserError("--cache-interval does not work with dopri5, whose error control needs fresh evaluations; "
+                            "use --sampler heun or euler with a fixed --num-sampling-steps")
+
+
+def check_cache_fits(model, sampler):
+    """One line when --cache-start leaves no block to reuse in this model."""
+    depth = len(model.blocks)
+    if sampler.cache_interval > 1 and sampler.cache_start >= depth:
+        raise cli.UserError(f"--cache-start {sampler.cache_start} leaves nothing to reuse: this model has {depth} "
+                            f"blocks; use 0 to {depth - 1}")
 
 
 def _objective(diffusion_args):
@@ -304,19 +378,24 @@ def check_cfg_scale(cfg_scale):
                       f"(1 = no guidance, the paper uses 1.5 for FID and 4 for visuals)", stacklevel=2)
 
 
-def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None):
+def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None, block_cache=None):
     """The model function the samplers call, with guidance and autocast, returning float32.
     With cfg_interval, steps whose noise level is outside it run the conditional half alone
-    (its prediction serves both halves of the doubled batch)."""
+    (its prediction serves both halves of the doubled batch). block_cache: a BlockCache the
+    model's blocks use (each call one step of it)."""
+    cache = {} if block_cache is None else {"block_cache": block_cache}
+
     def forward(x, t, y):
+        if block_cache is not None:
+            block_cache.next_call(float(t[0]) / TIMESTEP_SCALE)
         with cli.autocast(precision, device):
             if cfg_scale == 1:
-                return model(x, t, y).float()
+                return model(x, t, y, **cache).float()
             if cfg_interval is not None and not _guided_at(t, cfg_interval):
                 half = len(x) // 2
-                conditional = model(x[:half], t[:half], y[:half]).float()
+                conditional = model(x[:half], t[:half], y[:half], **cache).float()
                 return torch.cat([conditional, conditional])
-            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels).float()
+            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels, **cache).float()
     return forward
 
 
@@ -360,8 +439,12 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     # Guiding only the first three channels is the release's quirk, kept for eps to reproduce its FID;
     # v and flow models have no such history and guide every channel.
     guide_all_channels = guide_all_channels or sampler.objective != "eps"
-    forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval),
-                       sampler)
+    block_cache = None
+    if sampler.cache_interval > 1:
+        check_cache_fits(model, sampler)
+        block_cache = BlockCache(sampler.cache_interval, sampler.cache_start, sampler.cache_above)
+    forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval,
+                               block_cache), sampler)
     kwargs = dict(y=y)
 
     if sampler.objective == "flow":
@@ -378,6 +461,7 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
         prediction = "v_prediction" if sampler.objective == "v" else "epsilon"
         out = dpm_solver_sample_loop(forward, z, sampler.diffusion.betas, sampler.steps, kwargs, progress,
                                      prediction_type=prediction)
+    sampler.block_evals = block_cache.block_evals if block_cache is not None else 0
     return out[:n]
 
 
