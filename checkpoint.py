@@ -163,6 +163,8 @@ def model_args_from_state_dict(state_dict):
         hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
         grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
+        if grid * grid != state_dict["pos_embed"].shape[1]:
+            return None  # a non-square grid: its height and width leave no trace in a bare state_dict
         out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
         table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
         mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
@@ -353,6 +355,15 @@ def diffusers_config(model_args):
     if model_args.get("block", "adaLN-Zero") != "adaLN-Zero":
         raise UserError(f"DiTTransformer2DModel has adaLN-Zero blocks only; this DiT's are {model_args['block']}: "
                         f"export it as .safetensors instead")
+    modern = [f"--{flag} {model_args[name]}" for flag, name, release in
+              (("pos", "pos", "sincos"), ("qk-norm", "qk_norm", False), ("mlp", "mlp", "gelu"), ("norm", "norm", "layernorm"))
+              if model_args.get(name, release) != release]
+    if modern:
+        raise UserError(f"DiTTransformer2DModel has the release's sincos positions, GELU MLP and LayerNorms only; this "
+                        f"DiT has {', '.join(modern)}: export it as .safetensors instead")
+    if not isinstance(model_args["input_size"], int):
+        raise UserError(f"DiTTransformer2DModel takes square inputs only; this DiT's is "
+                        f"{model_args['input_size'][0]}x{model_args['input_size'][1]}: export it as .safetensors instead")
     if model_args["mlp_ratio"] != 4.0:
         raise UserError(f"DiTTransformer2DModel has MLPs of 4x the width; this DiT has mlp_ratio "
                         f"{model_args['mlp_ratio']}: export it as .safetensors instead")

@@ -99,9 +99,10 @@ def add_model_flags(parser, training):
     from_ckpt = "" if training else " (default: the checkpoint's)"
     parser.add_argument("--model", choices=list(models.DiT_models), default="DiT-XL/2" if training else None,
                         help="DiT config" + (from_ckpt or " (default DiT-XL/2)"))
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="image side in pixels: 256 or 512 with the VAE (any multiple of 8), any multiple of "
-                             "the patch in pixel space" + (from_ckpt or " (default 256, or the features')"))
+    parser.add_argument("--image-size", type=image_size, default=None, metavar="N|HxW",
+                        help="image size in pixels, N (square) or HxW (height x width, e.g. 256x384): 256 or 512 "
+                             "with the VAE (any multiple of 8), any multiple of the patch in pixel space"
+                             + (from_ckpt or " (default 256, or the features')"))
     parser.add_argument("--num-classes", type=positive_int, default=1000 if training else None, help="class labels")
     parser.add_argument("--vae", choices=VAE_CHOICES, default=None,
                         help="Stable Diffusion VAE (ema, mse) or none for pixel space"
@@ -124,6 +125,15 @@ MODEL_VARIANT_FLAGS = {
                          "cross-attention, in-context, mm-dit (Stable Diffusion 3's joint attention)"),
     "--context-tokens": dict(type=int, default=4,
                              help="--block mm-dit: length of the learned condition token sequence per class"),
+    "--pos": dict(choices=["sincos", "rope", "none"], default="sincos",
+                  help="positions: sincos (the paper's fixed table), rope (axial 2D rotary on queries and keys: "
+                       "trains at one size, samples at others), none"),
+    "--rope-base": dict(type=float, default=10000.0, help="--pos rope: base of the rotary frequencies"),
+    "--qk-norm": dict(action=argparse.BooleanOptionalAction, default=False,
+                      help="normalise each head's queries and keys (by --norm's kind)"),
+    "--mlp": dict(choices=["gelu", "swiglu"], default="gelu",
+                  help="gelu (the paper's) or swiglu (2/3 of the width: about the same parameters)"),
+    "--norm": dict(choices=["layernorm", "rmsnorm"], default="layernorm", help="layernorm (the paper's) or rmsnorm"),
 }
 
 
@@ -159,20 +169,78 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
     parser.add_argument("--rtol", type=finite_float, default=1e-3, help="dopri5: relative tolerance")
     parser.add_argument("--sde-diffusion", type=finite_float, default=1.0,
                         help="sde: the diffusion coefficient w(t) = VALUE * t (SiT's default form); 0 = euler")
+    parser.add_argument("--cache-interval", type=positive_int, default=1, metavar="N",
+                        help="faster sampling, training-free (sampling.BlockCache): every N-th model evaluation "
+                             "runs all blocks and keeps the residual of those from --cache-start on; the others "
+                             "reuse it and run only the earlier blocks (default 1: no caching)")
+    parser.add_argument("--cache-start", type=non_negative_int, default=0, metavar="K",
+                        help="with --cache-interval: blocks 0 .. K-1 run at every evaluation (default 0)")
+    parser.add_argument("--cache-above", type=finite_float, default=0.0, metavar="LEVEL",
+                        help="with --cache-interval: reuse only at noise levels of LEVEL and above (t for flow, "
+                             "timestep/1000 for eps and v); the steps below run every block (default 0)")
 
 
-def add_device_flags(parser, precision):
-    """--device and --precision; `precision` is the script's default (None: PyTorch's own settings)."""
+def add_device_flags(parser, precision, compile=False):
+    """--device and --precision; `precision` is the script's default (None: PyTorch's own settings).
+    compile=True adds --compile, the model's fast mode (models.compile_blocks)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
                         help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
                              + (precision or "PyTorch's own settings, as the original sample.py"))
+    if compile:
+        parser.add_argument("--compile", action="store_true",
+                            help="fast mode: torch.compile each DiT block (models.compile_blocks); outputs match "
+                                 "the default to float rounding; the first batch waits for the compiler")
+
+
+def image_size(text):
+    """--image-size: `N` (square) or `HxW`, height x width in pixels (`256x384` is 256 high, 384
+    wide). An int for a square size, also written `NxN`, so square runs record exactly what they
+    always did; else [H, W] (a list: it reads back from JSON unchanged)."""
+    parts = str(text).strip().lower().split("x")
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        sides = []
+    if not 1 <= len(sides) <= 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image size; give N for a square (e.g. 256) or HxW, "
+                                         f"height x width in pixels (e.g. 256x384)")
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1{' on each side' if len(sides) == 2 else ''}, "
+                                         f"got {text}")
+    return size_value(sides[0], sides[-1])
+
+
+def size_value(height, width):
+    """The canonical image or latent size: an int when square, else [height, width]."""
+    return int(height) if height == width else [int(height), int(width)]
+
+
+def height_width(size):
+    """(height, width) of a size given as an int (square) or a 2-item [height, width]."""
+    if not isinstance(size, (list, tuple)):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
+def size_text(size):
+    """'256' for a square size, '256x384' (height x width) otherwise, as --image-size takes it."""
+    height, width = height_width(size)
+    return str(height) if height == width else f"{height}x{width}"
 
 
 def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 

@@ -1,4 +1,4 @@
-"""Training data for DiT: image folders (ADM centre crop) and pre-extracted VAE feature shards.
+"""Training data for DiT: image folders (ADM centre crop, square or H x W) and pre-extracted VAE feature shards.
 
 Both datasets return unflipped samples; train.py draws the horizontal flip (and the latent
 from the stored encoder distribution) itself from a per-step seed, so a run resumed from a
@@ -11,6 +11,7 @@ set keeps its length and order). Files without an image extension are ignored, w
 warning that counts them.
 """
 import json
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+import cli
 from cli import UserError
 from files import load_torch
 
@@ -29,14 +31,17 @@ FEATURES_META = "features.json"  # written last by extract_features.py: its pres
 
 
 def adm_center_crop(image, image_size):
-    """The ADM centre crop: halve with a box filter while the short side is at least twice the
-    target, bicubic-resize so the short side equals the target, then crop the centre square."""
-    while min(image.size) >= 2 * image_size:
+    """The ADM centre crop, for a square size N or [H, W] (height x width): halve with a box
+    filter while the image is at least twice the target on both sides, bicubic-resize so the
+    image just covers the target (for a square: the short side equals N), then crop the centre.
+    For a square target this is exactly the reference's crop."""
+    height, width = cli.height_width(image_size)
+    while image.width >= 2 * width and image.height >= 2 * height:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = image_size / min(image.size)
+    scale = max(width / image.width, height / image.height)
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
-    return image.crop((left, top, left + image_size, top + image_size))
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def load_image(path, image_size, channels=3):
@@ -62,7 +67,7 @@ def batch_collate(batch):
 class ImageFolder(Dataset):
     """One sub-folder per class (sorted names give labels 0, 1, ...), as torchvision's ImageFolder.
 
-    Items are (uint8 image (C, S, S), label). Small sets (under IN_MEMORY_LIMIT once cropped)
+    Items are (uint8 image (C, H, W), label). Small sets (under IN_MEMORY_LIMIT once cropped)
     are decoded once up front, so epochs over them cost no image decoding.
     """
 
@@ -99,7 +104,7 @@ class ImageFolder(Dataset):
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.long)
         self.warned = set()
         if in_memory is None:
-            in_memory = len(self.paths) * channels * image_size ** 2 <= IN_MEMORY_LIMIT
+            in_memory = len(self.paths) * channels * math.prod(cli.height_width(image_size)) <= IN_MEMORY_LIMIT
         self.images = self._load_all() if in_memory else None
 
     def _warn(self, message):

@@ -37,10 +37,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-path", type=str, required=True, help="image folder, one sub-folder per class")
     parser.add_argument("--feature-path", type=str, required=True, help="output folder for the feature shards")
-    parser.add_argument("--image-size", type=int, default=256, help="256 or 512 in the paper; a multiple of 8")
+    parser.add_argument("--image-size", type=cli.image_size, default=256, metavar="N|HxW",
+                        help="N (square: 256 or 512 in the paper) or HxW, height x width (e.g. 256x384); "
+                             "multiples of 8. Images are resized to cover the size, then centre-cropped")
     parser.add_argument("--vae", choices=list(vae_lib.HUB_IDS), default="ema",
                         help="ema | mse (the Stable Diffusion VAE on the hub)")
     parser.add_argument("--vae-path", type=str, default=None, help="local diffusers AutoencoderKL folder instead")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="encode large images in overlapping tiles (diffusers' tiled VAE): fixed memory, "
+                             "slightly different features at the blended seams")
     parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once by each process")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -49,9 +54,9 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per rank")
     parser.add_argument("--device", type=str, default="auto", help="auto | cuda | cpu")
     args = parser.parse_args(argv)
-    if args.image_size % vae_lib.DOWNSAMPLE:
-        raise cli.UserError(f"--image-size {args.image_size} is not divisible by {vae_lib.DOWNSAMPLE} (the VAE's "
-                            f"downsampling factor); use 256 or 512")
+    if any(side % vae_lib.DOWNSAMPLE for side in cli.height_width(args.image_size)):
+        raise cli.UserError(f"--image-size {cli.size_text(args.image_size)} is not divisible by {vae_lib.DOWNSAMPLE} "
+                            f"(the VAE's downsampling factor); use 256 or 512, or multiples of 8 such as 256x384")
     if args.batch_size < 1 or args.shard_size < 1:
         raise cli.UserError("--batch-size and --shard-size must be positive")
 
@@ -70,6 +75,8 @@ def extract(args, rank, world_size, device):
     config = {"data_path": os.path.abspath(args.data_path), "num_images": len(dataset), "classes": dataset.classes,
               "image_size": args.image_size, "vae": args.vae, "vae_path": args.vae_path,
               "shard_size": args.shard_size, "dtype": args.dtype}
+    if args.vae_tiling:  # recorded only when on, so folders made before the flag existed still resume
+        config["vae_tiling"] = True
     config_path = os.path.join(args.feature_path, CONFIG)
     done = [os.path.exists(os.path.join(args.feature_path, data.shard_name(i))) for i in range(num_shards)]
     if rank == 0:
@@ -88,7 +95,7 @@ def extract(args, rank, world_size, device):
 
     todo = [i for i in range(rank, num_shards, world_size) if not done[i]]
     if todo:
-        vae = vae_lib.load_vae(args.vae, args.vae_path, device)
+        vae = vae_lib.load_vae(args.vae, args.vae_path, device, tiling=args.vae_tiling)
     images_todo = sum(min(args.shard_size, len(dataset) - i * args.shard_size) for i in todo)
     if rank == 0:
         print(f"{len(dataset)} images in {len(dataset.classes)} classes -> {num_shards} shards in "

@@ -16,6 +16,23 @@ plus Stable Diffusion 3's joint-attention block); everything else is shared:
     mm-dit           SD3's MM-DiT: a condition token stream with its own weights attends jointly
                      with the image tokens; both modulated adaLN-Zero style from t + c
 
+Positions and the later transformers' block (SD3, Flux, Lumina, LightningDiT), each off by default
+and composing with every block above:
+
+    pos=sincos       the release's fixed 2D sine-cosine table added to the tokens; an input of another
+                     size gets the table recomputed for its grid (token (i, j) keeps position (i, j))
+    pos=rope         axial 2D rotary positions on the queries and keys of the self-attention (timm's
+                     build_rotary_pos_embed / apply_rot_embed): half of each head's dims turn with the
+                     token's row, half with its column, so attention logits depend on the offset only.
+                     Condition tokens (in-context's t and y, mm-dit's stream) are not rotated (as if all
+                     at (0, 0), as Flux's text tokens); cross-attention is not rotated at all
+    pos=none         no position signal
+    qk_norm          each head's queries and keys normalised (by `norm`'s kind, with a learned scale)
+    mlp=swiglu       timm's SwiGLU with 2/3 of the hidden width: about the GELU MLP's parameters
+    norm=rmsnorm     timm's RmsNorm in place of every LayerNorm (without scale in the modulated ones)
+
+The model runs at any height and width the patch divides, whatever input_size it was built for.
+
 `python benchmarks/flops.py` prints parameters and Gflops per config and block.
 """
 import math
@@ -23,6 +40,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import RmsNorm, SwiGLU
+from timm.layers.pos_embed_sincos import apply_rot_embed, build_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
 from cli import UserError
@@ -100,42 +119,76 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(self.drop_labels(labels, train, force_drop_ids))
 
 
-def multi_head_attention(q, k, v, num_heads):
-    """(B, N, C) queries, (B, M, C) keys and values -> (B, N, C), through scaled_dot_product_attention."""
-    B, N, C = q.shape
-    q, k, v = (z.view(B, z.shape[1], num_heads, C // num_heads).transpose(1, 2) for z in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+def make_norm(kind, dim, affine=True):
+    """A LayerNorm or timm's RmsNorm over the last dim (eps 1e-6, as all of DiT's norms)."""
+    if kind == "rmsnorm":
+        return RmsNorm(dim, eps=1e-6, affine=affine)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+
+
+def qk_norms(qk_norm, norm, head_dim):
+    """qk-norm (as timm's Attention does it): the queries and keys of each head normalised over the head's
+    dims, by the model's kind of norm with a learned scale; identities when off (no parameters, no draws)."""
+    if not qk_norm:
+        return nn.Identity(), nn.Identity()
+    return make_norm(norm, head_dim), make_norm(norm, head_dim)
+
+
+def rotate(z, rope):
+    """Axial 2D RoPE on (B, heads, N, head_dim) queries or keys: rope = (sin, cos), each (T, head_dim), rotates
+    the first T tokens (the image's); tokens after them (in-context's t and y) are left as they are."""
+    if rope is None:
+        return z
+    sin, cos = rope
+    if z.shape[-2] == len(sin):
+        return apply_rot_embed(z, sin, cos)
+    image, rest = z.split([len(sin), z.shape[-2] - len(sin)], dim=-2)
+    return torch.cat([apply_rot_embed(image, sin, cos), rest], dim=-2)
+
+
+def split_heads(z, num_heads):
+    """(B, N, C) -> (B, heads, N, C / heads)."""
+    B, N, C = z.shape
+    return z.view(B, N, num_heads, C // num_heads).transpose(1, 2)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through scaled_dot_product_attention."""
+    """Multi-head self-attention through scaled_dot_product_attention; qk_norm normalises each head's
+    queries and keys, forward's rope rotates them by their position (see rotate)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=False, norm="layernorm"):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = qk_norms(qk_norm, norm, dim // num_heads)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from the image tokens (queries) to the condition tokens (keys, values)."""
+    """Multi-head attention from the image tokens (queries) to the condition tokens (keys, values).
+    No RoPE here: the condition tokens have no position, and rotating the queries alone would add
+    an absolute position signal; the self-attention carries the positions."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=False, norm="layernorm"):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = qk_norms(qk_norm, norm, dim // num_heads)
 
     def forward(self, x, context):
         k, v = self.kv(context).chunk(2, dim=-1)
-        return self.proj(multi_head_attention(self.q(x), k, v, self.num_heads))
+        q, k, v = (split_heads(z, self.num_heads) for z in (self.q(x), k, v))
+        attended = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(attended.transpose(1, 2).flatten(2))
 
 
 class Mlp(nn.Module):
@@ -148,28 +201,40 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def make_mlp(kind, dim, mlp_ratio):
+    """The release's GELU MLP, or timm's SwiGLU with 2/3 of the hidden width: three matrices instead of two,
+    so about the same parameters (and flops)."""
+    hidden = int(dim * mlp_ratio)
+    if kind == "swiglu":
+        return SwiGLU(dim, round(2 * hidden / 3))
+    return Mlp(dim, hidden)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (gated=False: adaLN, scale and shift only)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True, qk_norm=False, mlp="gelu",
+                 norm="layernorm"):
         super().__init__()
         self.hidden_size = hidden_size
         self.gated = gated
-        self.attn = Attention(hidden_size, num_heads)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.attn = Attention(hidden_size, num_heads, qk_norm, norm)
+        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
         outputs = 6 if gated else 4
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, outputs * hidden_size, bias=True))
+        self.rms_norm = RmsNorm(hidden_size, eps=1e-6, affine=False) if norm == "rmsnorm" else None
 
     def norm(self, x):
-        return F.layer_norm(x, (self.hidden_size,), eps=1e-6)
+        """The modulated norm: no scale or shift of its own (the modulation gives them), as the release's."""
+        return F.layer_norm(x, (self.hidden_size,), eps=1e-6) if self.rms_norm is None else self.rms_norm(x)
 
-    def forward(self, x, c):
+    def forward(self, x, c, rope=None):
         if not self.gated:
             shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            x = x + self.attn(modulate(self.norm(x), shift_msa, scale_msa))
+            x = x + self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope)
             return x + self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
         return x
 
@@ -179,18 +244,19 @@ class ViTBlock(nn.Module):
     cross_attention, a cross-attention to the condition tokens follows the self-attention, as
     in the original Transformer decoder (the paper's cross-attention variant)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attention=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attention=False, qk_norm=False, mlp="gelu",
+                 norm="layernorm"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, norm)
         if cross_attention:
-            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-            self.cross_attn = CrossAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+            self.norm_cross = make_norm(norm, hidden_size)
+            self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, norm)
+        self.norm2 = make_norm(norm, hidden_size)
+        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
 
-    def forward(self, x, context=None):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, context=None, rope=None):
+        x = x + self.attn(self.norm1(x), rope)
         if context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context)
         return x + self.mlp(self.norm2(x))
@@ -201,23 +267,30 @@ class JointStream(nn.Module):
     update=False keeps only shift, scale and qkv: the condition stream of the last block, whose
     output nothing reads (unused weights would also stall DDP's gradient reduction)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, update=True):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, update=True, qk_norm=False, mlp="gelu",
+                 norm="layernorm"):
         super().__init__()
         self.hidden_size = hidden_size
+        self.num_heads = num_heads
         self.update = update
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if update else 2) * hidden_size))
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         if update:
             self.proj = nn.Linear(hidden_size, hidden_size)
-            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+            self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
+        self.q_norm, self.k_norm = qk_norms(qk_norm, norm, hidden_size // num_heads)  # each stream its own, as SD3
+        self.rms_norm = RmsNorm(hidden_size, eps=1e-6, affine=False) if norm == "rmsnorm" else None
 
     def norm(self, x):
-        return F.layer_norm(x, (self.hidden_size,), eps=1e-6)
+        return F.layer_norm(x, (self.hidden_size,), eps=1e-6) if self.rms_norm is None else self.rms_norm(x)
 
-    def qkv_of(self, x, c):
-        """(queries, keys and values (N, T, 3D), the modulation) of the tokens x."""
+    def qkv_of(self, x, c, rope=None):
+        """(queries, keys, values, each (N, heads, T, head_dim), the modulation) of the tokens x; rope rotates
+        the queries and keys by their position."""
         mods = self.adaLN_modulation(c).chunk(6 if self.update else 2, dim=1)
-        return self.qkv(modulate(self.norm(x), mods[0], mods[1])), mods
+        qkv = self.qkv(modulate(self.norm(x), mods[0], mods[1]))
+        q, k, v = (split_heads(z, self.num_heads) for z in qkv.chunk(3, dim=-1))
+        return rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope), v, mods
 
     def finish(self, x, attended, mods):
         """The gated residual of the attention output, then the modulated, gated MLP."""
@@ -231,18 +304,20 @@ class MMDiTBlock(nn.Module):
     separate weights but attend together over their concatenation. forward(x, c, context) ->
     (x, context); c (N, D) modulates both streams."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, last=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, last=False, **options):
         super().__init__()
         self.num_heads = num_heads
-        self.image = JointStream(hidden_size, num_heads, mlp_ratio)
-        self.context = JointStream(hidden_size, num_heads, mlp_ratio, update=not last)
+        self.image = JointStream(hidden_size, num_heads, mlp_ratio, **options)
+        self.context = JointStream(hidden_size, num_heads, mlp_ratio, update=not last, **options)
 
-    def forward(self, x, c, context):
-        qkv_x, mods_x = self.image.qkv_of(x, c)
-        qkv_c, mods_c = self.context.qkv_of(context, c)
-        q, k, v = torch.cat([qkv_c, qkv_x], dim=1).chunk(3, dim=-1)
-        attended_c, attended_x = multi_head_attention(q, k, v, self.num_heads).split(
-            [context.shape[1], x.shape[1]], dim=1)
+    def forward(self, x, c, context, rope=None):
+        """rope rotates the image tokens only: the condition tokens have no position (as if all at (0, 0),
+        as Flux places its text tokens)."""
+        *qkv_x, mods_x = self.image.qkv_of(x, c, rope)
+        *qkv_c, mods_c = self.context.qkv_of(context, c)
+        q, k, v = (torch.cat([of_c, of_x], dim=2) for of_c, of_x in zip(qkv_c, qkv_x))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        attended_c, attended_x = attended.split([context.shape[1], x.shape[1]], dim=1)
         x = self.image.finish(x, attended_x, mods_x)
         if self.context.update:
             context = self.context.finish(context, attended_c, mods_c)
@@ -266,21 +341,22 @@ class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a linear to patch*patch*out_channels values per token.
     adaptive=False: the standard ViT output layer, a LayerNorm with its own scale and shift."""
 
-    def __init__(self, hidden_size, patch_size, out_channels, adaptive=True):
+    def __init__(self, hidden_size, patch_size, out_channels, adaptive=True, norm="layernorm"):
         super().__init__()
         self.hidden_size = hidden_size
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         if adaptive:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+            self.rms_norm = RmsNorm(hidden_size, eps=1e-6, affine=False) if norm == "rmsnorm" else None
         else:
-            self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.norm = make_norm(norm, hidden_size)
 
     def forward(self, x, c):
         if not hasattr(self, "adaLN_modulation"):
             return self.linear(self.norm(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        x = modulate(F.layer_norm(x, (self.hidden_size,), eps=1e-6), shift, scale)
-        return self.linear(x)
+        normed = F.layer_norm(x, (self.hidden_size,), eps=1e-6) if self.rms_norm is None else self.rms_norm(x)
+        return self.linear(modulate(normed, shift, scale))
 
 
 BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context", "mm-dit")
@@ -288,17 +364,27 @@ ZERO_INIT_BLOCKS = ("adaLN-Zero", "mm-dit")  # modulation regressed to zero at i
 ADAPTIVE_BLOCKS = ("adaLN-Zero", "adaLN", "mm-dit")  # the output layer's norm is adaptive too
 
 
-def make_block(block, hidden_size, num_heads, mlp_ratio, last):
+POSITIONS = ("sincos", "rope", "none")
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_block(block, hidden_size, num_heads, mlp_ratio, last, **options):
+    """options: qk_norm, mlp, norm, which every block takes alike."""
     if block in ("adaLN-Zero", "adaLN"):
-        return DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block == "adaLN-Zero")
+        return DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block == "adaLN-Zero", **options)
     if block == "mm-dit":
-        return MMDiTBlock(hidden_size, num_heads, mlp_ratio, last=last)
-    return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=block == "cross-attention")
+        return MMDiTBlock(hidden_size, num_heads, mlp_ratio, last=last, **options)
+    return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=block == "cross-attention", **options)
 
 
 class DiT(nn.Module):
     """Diffusion model with a transformer backbone. `block` picks the conditioning (see the top
-    of this file); `context_tokens` is the length of mm-dit's per-class condition sequence."""
+    of this file); `context_tokens` is the length of mm-dit's per-class condition sequence.
+    input_size: the latent's side, or (height, width); the model runs at any size that the patch
+    divides. pos: sincos (the release's fixed table), rope (axial 2D rotary positions of base
+    frequency rope_base on queries and keys) or none. qk_norm, mlp (gelu | swiglu) and norm
+    (layernorm | rmsnorm): the later transformers' stabilisers (see the top of this file)."""
 
     def __init__(
         self,
@@ -314,13 +400,20 @@ class DiT(nn.Module):
         learn_sigma=True,
         block="adaLN-Zero",
         context_tokens=4,
+        pos="sincos",
+        rope_base=10000.0,
+        qk_norm=False,
+        mlp="gelu",
+        norm="layernorm",
     ):
         super().__init__()
+        input_size = plain_input_size(input_size)
         # Everything needed to rebuild this network: checkpoints store it, DiT(**model_args) rebuilds it.
         self.model_args = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                                hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                class_dropout_prob=class_dropout_prob, num_classes=num_classes,
-                               learn_sigma=learn_sigma, block=block, context_tokens=context_tokens)
+                               learn_sigma=learn_sigma, block=block, context_tokens=context_tokens, pos=pos,
+                               rope_base=rope_base, qk_norm=qk_norm, mlp=mlp, norm=norm)
         check_arguments(self.model_args)
         self.input_size = input_size
         self.learn_sigma = learn_sigma
@@ -330,17 +423,24 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.block = block
+        self.pos = pos
+        self.rope_base = rope_base
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.num_patches = num_patches = (input_size // patch_size) ** 2
-        # Fixed sine-cosine positions; a Parameter (not a buffer) so the state_dict matches the release.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio, last=i == depth - 1)
-                                     for i in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in ADAPTIVE_BLOCKS)
+        height, width = input_hw(input_size)
+        self.grid = (height // patch_size, width // patch_size)  # the token grid (rows, columns) it is built for
+        self.num_patches = num_patches = self.grid[0] * self.grid[1]
+        self.pos_tables = {}  # (kind, rows, columns, device) -> positions of a grid, computed on first use
+        if pos == "sincos":  # a Parameter (not a buffer) so the state_dict matches the release
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        options = dict(qk_norm=qk_norm, mlp=mlp, norm=norm)
+        self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio, last=i == depth - 1,
+                                                **options) for i in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in ADAPTIVE_BLOCKS,
+                                      norm=norm)
         if block == "mm-dit":  # after the released modules, so their initial draws do not move
             self.class_tokens = ClassTokens(num_classes, hidden_size, context_tokens, class_dropout_prob > 0)
         self.initialize_weights()
@@ -351,8 +451,8 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        grid = self.input_size // self.patch_size
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).unsqueeze(0))
+        if self.pos == "sincos":
+            self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid).unsqueeze(0))
 
         # The patch embedding is a linear map over flattened patches.
         w = self.x_embedder.proj.weight.data
@@ -376,30 +476,69 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def unpatchify(self, x):
-        """(N, T, p*p*C) -> (N, C, H, W)."""
+    def unpatchify(self, x, grid=None):
+        """(N, T, p*p*C) -> (N, C, H, W); grid: the (rows, columns) of the T tokens (default: the built one)."""
         c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
+        h, w = grid or self.grid
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, force_drop_ids=None, context=None):
+    def token_grid(self, x):
+        """The (rows, columns) of tokens of latents x, refused in one line unless the patch divides them."""
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise UserError(f"a {height}x{width} input is not divisible by the patch size {self.patch_size}; "
+                            f"give height and width that are multiples of {self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    def positions(self, grid, device):
+        """The sincos table (1, T, D) of a token grid: the stored pos_embed for the built grid (so the
+        released outputs stay exact), else the same formula recomputed for the input's grid (not
+        interpolated: token (i, j) gets the position (i, j) whatever the grid's size)."""
+        if grid == self.grid:
+            return self.pos_embed
+        key = ("sincos", *grid, str(device))
+        if key not in self.pos_tables:
+            table = sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).unsqueeze(0)
+            self.pos_tables[key] = table.to(device=device, dtype=self.pos_embed.dtype)
+        return self.pos_tables[key]
+
+    def rotary(self, grid, device):
+        """pos=rope: (sin, cos), each (T, head_dim), of the token grid, by timm's axial 2D RoPE: the first half
+        of each head's dims rotates with the token's row, the second half with its column, at frequencies
+        rope_base ** (-i / (head_dim / 4)); token (i, j) has position (i, j) on any grid. Else None."""
+        if self.pos != "rope":
+            return None
+        key = ("rope", *grid, str(device))
+        if key not in self.pos_tables:
+            head_dim = self.x_embedder.proj.out_channels // self.num_heads
+            self.pos_tables[key] = build_rotary_pos_embed(list(grid), dim=head_dim, temperature=self.rope_base,
+                                                          in_pixels=False, device=device)
+        return self.pos_tables[key]
+
+    def forward(self, x, t, y, force_drop_ids=None, context=None, block_cache=None):
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
         force_drop_ids: optional (N,) with 1 where the label is dropped, replacing the random
         label dropout (train.py draws it from its own seed so that runs are reproducible).
         context: mm-dit only, an (N, L, hidden_size) condition sequence (e.g. a text encoder's
-        output, projected) replacing the class tokens; y still adds its class embedding to t."""
-        x = self.x_embedder(x) + self.pos_embed
+        output, projected) replacing the class tokens; y still adds its class embedding to t.
+        Any height and width that are multiples of the patch work; positions follow the input's grid.
+        block_cache: sampling only, see run_blocks."""
+        grid = self.token_grid(x)
+        x = self.x_embedder(x)
+        if self.pos == "sincos":
+            x = x + self.positions(grid, x.device)
         t_emb = self.t_embedder(t)
         labels = self.y_embedder.drop_labels(y, self.training, force_drop_ids)
         y_emb = self.y_embedder(labels, train=False)
         c = t_emb + y_emb
         if self.block == "in-context":  # two more tokens, removed again before the output layer
             x = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1)
-        x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context))
+        x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context), self.rotary(grid, x.device),
+                            block_cache)
         if self.block == "in-context":
-            x = x[:, :self.num_patches]
-        return self.unpatchify(self.final_layer(x, c))
+            x = x[:, :grid[0] * grid[1]]
+        return self.unpatchify(self.final_layer(x, c), grid)
 
     def block_inputs(self, t_emb, y_emb, labels, context):
         """What each block takes besides the image tokens."""
@@ -419,20 +558,29 @@ class DiT(nn.Module):
                              f"{tuple(context.shape)}")
         return c, context
 
-    def run_blocks(self, x, inputs):
-        """The blocks in turn; an mm-dit block also returns the condition stream the next one takes."""
-        for block in self.blocks:
+    def run_blocks(self, x, inputs, rope=None, block_cache=None):
+        """The blocks in turn; an mm-dit block also returns the condition stream the next one takes.
+        block_cache (a sampling.BlockCache, for faster sampling): at block block_cache.start it may
+        hand back the tokens plus the residual the remaining blocks added at an earlier call, in
+        place of running them; otherwise it records that residual. It counts the blocks run."""
+        for i, block in enumerate(self.blocks):
+            if block_cache is not None and i == block_cache.start:
+                reused = block_cache.enter(x)
+                if reused is not None:
+                    return reused
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                out = checkpoint(block, x, *inputs, use_reentrant=False)
+                out = checkpoint(block, x, *inputs, rope=rope, use_reentrant=False)
             else:
-                out = block(x, *inputs)
+                out = block(x, *inputs, rope=rope)
             if self.block == "mm-dit":
                 x, inputs = out[0], (inputs[0], out[1])
             else:
                 x = out
-        return x
+            if block_cache is not None:
+                block_cache.block_evals += 1
+        return x if block_cache is None else block_cache.leave(x)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None):
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None, block_cache=None):
         """Classifier-free guidance. The batch is the conditional half followed by the same
         latents with the null label; both halves get the guided noise prediction.
 
@@ -442,7 +590,7 @@ class DiT(nn.Module):
         the conditional then the unconditional condition sequences, as the labels.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y, context=context)
+        out = self.forward(torch.cat([half, half]), t, y, context=context, block_cache=block_cache)
         n = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :n], out[:, n:]
         cond_eps, uncond_eps = eps.split(len(eps) // 2, dim=0)
@@ -453,7 +601,7 @@ class DiT(nn.Module):
 def check_arguments(model_args):
     """Refuse constructor arguments that cannot make a DiT, with the fix."""
     a = model_args
-    if a["input_size"] % a["patch_size"]:
+    if any(side % a["patch_size"] for side in input_hw(a["input_size"])):
         raise ValueError(f"input size {a['input_size']} is not divisible by the patch size {a['patch_size']}; "
                          f"pick an input size that is a multiple of {a['patch_size']}")
     if a["hidden_size"] % a["num_heads"]:
@@ -466,12 +614,38 @@ def check_arguments(model_args):
         raise UserError(f"unknown block {a['block']!r}; choose one of: {', '.join(BLOCKS)}")
     if not isinstance(a["context_tokens"], int) or a["context_tokens"] < 1:
         raise UserError(f"--context-tokens (context_tokens) must be a positive integer, got {a['context_tokens']!r}")
+    for name, choices in (("pos", POSITIONS), ("mlp", MLPS), ("norm", NORMS)):
+        if a[name] not in choices:
+            raise UserError(f"unknown --{name} {a[name]!r}; choose one of: {', '.join(choices)}")
+    if a["pos"] == "rope" and (a["hidden_size"] // a["num_heads"]) % 4:
+        raise UserError(f"--pos rope needs a head size that is a multiple of 4 (half for rows, half for columns, in "
+                        f"pairs); hidden size {a['hidden_size']} / {a['num_heads']} heads is not")
+    if not (isinstance(a["rope_base"], (int, float)) and math.isfinite(a["rope_base"]) and a["rope_base"] > 1):
+        raise UserError(f"--rope-base must be a number above 1, got {a['rope_base']!r}")
+    if not isinstance(a["qk_norm"], bool):
+        raise UserError(f"qk_norm must be True or False, got {a['qk_norm']!r}")
+
+
+def input_hw(input_size):
+    """(height, width) of an input_size: an int for a square, or (height, width)."""
+    return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+
+
+def plain_input_size(input_size):
+    """input_size as model_args records it (plain values, for checkpoints and JSON): an int for a
+    square, else [height, width]; refused in one line unless it is one or two positive integers."""
+    sides = [input_size] if isinstance(input_size, int) else list(input_size)
+    if not (1 <= len(sides) <= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides)):
+        raise UserError(f"input_size must be a positive integer or (height, width), got {input_size!r}")
+    return sides[0] if len(set(sides)) == 1 else sides
 
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """(grid_size**2, dim) fixed positions: first half encodes the column, second the row."""
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    """(rows * columns, dim) fixed positions of a grid_size (an int for a square, or (rows, columns)):
+    the first half encodes the column, the second the row."""
+    rows, cols = input_hw(grid_size)
+    rows, cols = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                                indexing="ij")
     return torch.cat([sincos_embed_1d(dim // 2, cols.reshape(-1)),
                       sincos_embed_1d(dim // 2, rows.reshape(-1))], dim=1).float()
 
@@ -517,6 +691,19 @@ def create_model(name, **kwargs):
     return DiT(**model_args_for(name, **kwargs))
 
 
+def compile_blocks(model, **options):
+    """The fast mode (--compile): torch.compile each block of `model` in place, which is
+    regional compilation: the blocks share one compiled graph (their weights are its inputs),
+    so it compiles once, in a fraction of the time the whole model takes, and the rest of the
+    model (embedders, final layer, gradient checkpointing, DDP's hooks) runs as before. The
+    compiler fuses what the release runs as separate kernels (bias + tanh-GELU, LayerNorm +
+    modulation, gate + residual). The default (uncompiled) model is untouched; compiled
+    outputs match it to float32 rounding (tests/test_speed.py). `options` go to torch.compile."""
+    for block in model.blocks:
+        block.compile(**options)
+    return model
+
+
 def _config(name):
     def make(**kwargs):
         return create_model(name, **kwargs)
@@ -531,18 +718,27 @@ DiT_models = {f"DiT-{size}/{patch}": _config(f"DiT-{size}/{patch}") for size in 
 def describe_state_dict(state_dict):
     """A short human description of the DiT a state_dict belongs to, for error messages."""
     try:
-        hidden = state_dict["pos_embed"].shape[-1]
-        patch = state_dict["x_embedder.proj.weight"].shape[-1]
-        in_ch = state_dict["x_embedder.proj.weight"].shape[1]
+        hidden, in_ch, _, patch = state_dict["x_embedder.proj.weight"].shape
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        latent = int(round(state_dict["pos_embed"].shape[1] ** 0.5)) * patch
         classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
-    except (KeyError, IndexError, AttributeError):
+    except (KeyError, ValueError, AttributeError):
         return "not a DiT state_dict"
     size = next((s for s, cfg in MODEL_SIZES.items() if cfg[:2] == (depth, hidden)), f"depth {depth}, hidden {hidden}")
     block = block_of_state_dict(state_dict)
-    return f"DiT-{size}/{patch}, input {latent}x{latent}x{in_ch}, {classes} classes" + \
-        ("" if block == "adaLN-Zero" else f", block {block}")
+    return f"DiT-{size}/{patch}, input {input_of_state_dict(state_dict, patch)}x{in_ch}, {classes} classes" + \
+        ("" if block == "adaLN-Zero" else f", block {block}") + \
+        ("" if "pos_embed" in state_dict else ", no pos_embed (pos rope or none)") + \
+        (", mlp swiglu" if any(".mlp.fc1_g." in k for k in state_dict) else "") + \
+        (", qk-norm" if any(".q_norm." in k for k in state_dict) else "")
+
+
+def input_of_state_dict(state_dict, patch):
+    """'32x32' as far as the pos_embed tells (its token count for a non-square one)."""
+    if "pos_embed" not in state_dict:
+        return "any size"
+    tokens = state_dict["pos_embed"].shape[1]
+    side = int(round(tokens ** 0.5))
+    return f"{side * patch}x{side * patch}" if side * side == tokens else f"{tokens} tokens of {patch}x{patch}"
 
 
 def block_of_state_dict(state_dict):
@@ -554,7 +750,7 @@ def block_of_state_dict(state_dict):
     if "blocks.0.norm1.weight" in state_dict:
         return "in-context"
     modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
-    gated = modulation is None or modulation.shape[0] == 6 * state_dict["pos_embed"].shape[-1]
+    gated = modulation is None or modulation.shape[0] == 6 * state_dict["x_embedder.proj.weight"].shape[0]
     return "adaLN-Zero" if gated else "adaLN"
 
 
@@ -565,7 +761,7 @@ def load_weights(model, state_dict, what="checkpoint"):
     if mismatch:
         raise UserError(f"{what} holds {describe_state_dict(state_dict)}, but the model built is "
                         f"{describe_state_dict(own)}; pass the matching --model / --image-size / --num-classes "
-                        f"/ --block")
+                        f"/ --block / --pos / --mlp / --qk-norm")
     model.load_state_dict(state_dict, strict=True)
     return model
 

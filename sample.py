@@ -8,6 +8,9 @@ the original sample.py on the same device: the global RNG is seeded, the model i
 (drawing its random initialisation) before its weights are loaded, and the start noise and
 per-step noise are drawn in the original's order. A train.py checkpoint supplies --model,
 --image-size, --num-classes and --vae (including pixel-space `none` models) when not given.
+--image-size N or HxW (height x width) samples at another size than the checkpoint's: as it is
+for models without a position table (--pos rope or none); a sine-cosine model gets its table
+recomputed for the new grid, with a warning. --vae-tiling decodes large images in tiles.
 
 From Python, main([...flags]) returns the images as an N x H x W x C uint8 array.
 """
@@ -34,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--class-labels", nargs="+", default=None,
                         help=f"labels as separate arguments, or separated by spaces or commas (default: "
                              f"{ORIGINAL_CLASS_LABELS} for 1000 classes, else each class once, at most 16)")
-    cli.add_device_flags(parser, precision=None)  # --device, and --precision: PyTorch's own settings by default
+    cli.add_device_flags(parser, precision=None, compile=True)  # --device, and --precision: PyTorch's own settings by default
     parser.add_argument("--output", default="sample.png", help="the grid of all samples")
     parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
     parser.add_argument("--save-individual", action="store_true",
@@ -55,10 +58,8 @@ def check_args(args):
 def check_sampling_args(args):
     """What sample.py and sample_ddp.py both refuse before loading anything."""
     sampling.check_cfg_scale(args.cfg_scale)
-    for flag in ("image_size", "num_classes"):  # 0 would silently mean "the checkpoint's"
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise cli.UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.num_classes is not None and args.num_classes < 1:  # 0 would silently mean "the checkpoint's"
+        raise cli.UserError(f"--num-classes must be positive, got {args.num_classes}")
     if args.vae_batch_size < 1:
         raise cli.UserError(f"--vae-batch-size must be at least 1, got {args.vae_batch_size}")
 
@@ -104,9 +105,9 @@ def main(argv=None):
         raise cli.UserError("--class-labels is empty; give at least one label")
     sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, settings.diffusion_args,
                                     **sampling.sampler_options(args))
-    decode = sampling.load_decoder(settings, device, args.vae_batch_size)
+    decode = sampling.load_decoder(settings, device, args.vae_batch_size, tiling=args.vae_tiling)
 
-    noise = torch.randn(len(labels), settings.in_channels, settings.latent_size, settings.latent_size, device=device)
+    noise = torch.randn(len(labels), *settings.latent_shape(), device=device)
     latents = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
                                 guide_all_channels=args.cfg_all_channels, precision=args.precision or "fp32",
                                 progress=True)

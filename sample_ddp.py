@@ -7,7 +7,8 @@ process. The paper's FID setting is the default: cfg 1.5, 250 DDPM steps, labels
 random (or exactly balanced with --balanced-classes).
 
 Writes SAMPLE_DIR/FOLDER/000000.png ..., SAMPLE_DIR/FOLDER.npz (arr_0: uint8 images,
-N x H x W x 3, exactly N; arr_1: their class labels, as ADM writes them) and SAMPLE_DIR/FOLDER.json
+N x H x W x 3, exactly N, H x W being --image-size or the checkpoint's; arr_1: their class
+labels, as ADM writes them) and SAMPLE_DIR/FOLDER.json
 (the settings, with the checkpoint's sha256: a rerun into the same folder with other weights
 behind the same --ckpt path is refused). Sample i's label, start noise and per-step noise come
 from a generator seeded with (global seed, i), so the images do not depend on the number of
@@ -38,7 +39,10 @@ from sample import check_sampling_args, check_writable
 # Settings that change the images: a restart into the same folder must keep them.
 IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
                   "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
-                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion")
+                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion", "vae_tiling")
+# Settings added after the first release, with the value runs made before them had.
+ADDED_SETTINGS = {"vae_tiling": False}
+CACHE_SETTINGS = ("cache_interval", "cache_start", "cache_above")  # checked when caching (older records lack them)
 
 
 def parse_args(argv=None):
@@ -50,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--balanced-classes", action="store_true",
                         help="exactly N / num_classes samples per class (in random order) instead of uniform labels")
-    cli.add_device_flags(parser, precision="tf32")  # TF32 matmuls on CUDA, as the original sample_ddp.py
+    cli.add_device_flags(parser, precision="tf32", compile=True)  # TF32 matmuls on CUDA, as the original sample_ddp.py
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                         help="the original's flag, kept as an alias: --no-tf32 = --precision fp32")
     parser.add_argument("--vae-batch-size", type=int, default=8, help="images decoded at once")
@@ -61,10 +65,12 @@ def parse_args(argv=None):
 
 
 def folder_name(args, settings):
-    """The original's naming, plus the sampler and its step count."""
+    """The original's naming, plus the sampler and its step count (and the block caching, if any)."""
     ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
-    return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{settings.image_size}-vae-{settings.vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}")
+    cache = (f"-cache-{args.cache_interval}-from-{args.cache_start}"
+             + (f"-above-{args.cache_above:g}" if args.cache_above else "") if args.cache_interval > 1 else "")
+    return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{cli.size_text(settings.image_size)}-vae-{settings.vae}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}")
 
 
 def class_labels(args, num_classes, indices, generators):
@@ -82,7 +88,7 @@ def check_same_settings(folder, record, keys):
     if not os.path.exists(f"{folder}.json"):
         return
     with open(f"{folder}.json") as f:
-        earlier = json.load(f)
+        earlier = {**ADDED_SETTINGS, **json.load(f)}
     changed = [k for k in keys if k in earlier and earlier[k] != record.get(k)]
     if changed:
         raise cli.UserError(f"{folder} holds samples made with other settings ({', '.join(changed)}: "
@@ -130,17 +136,18 @@ def _sample(args, rank, world_size, device):
     sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, settings.diffusion_args,
                                     **sampling.sampler_options(args))
     args.sampler, args.num_sampling_steps = sampler.name, sampler.steps  # the defaults resolved, for the record
-    decode = sampling.load_decoder(settings, device, args.vae_batch_size)
+    decode = sampling.load_decoder(settings, device, args.vae_batch_size, tiling=args.vae_tiling)
     folder = os.path.join(args.sample_dir, folder_name(args, settings))
     # Rank 0 hashes the weights (gigabytes for DiT-XL/2) once for everyone.
     sha256 = distributed.broadcast(checkpoint_sha256(settings.ckpt) if rank == 0 else None)
     record = {**dataclasses.asdict(settings), "ckpt_sha256": sha256, **sampler.settings(),
               **{k: getattr(args, k) for k in (
                   "cfg_scale", "cfg_all_channels", "global_seed", "balanced_classes", "precision",
-                  "num_fid_samples", "per_proc_batch_size")}}
+                  "num_fid_samples", "per_proc_batch_size", "vae_tiling")}}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
-    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ()))
+    check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())
+                        + (CACHE_SETTINGS if sampler.cache_interval > 1 else ()))
     os.makedirs(folder, exist_ok=True)
     missing = [i for i in range(args.num_fid_samples) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
     distributed.barrier()
@@ -153,7 +160,7 @@ def _sample(args, rank, world_size, device):
     mine = missing[rank::world_size]
     batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
     start = time.time()
-    shape = (settings.in_channels, settings.latent_size, settings.latent_size)
+    shape = settings.latent_shape()
     for indices in tqdm(batches, desc=f"rank {rank}", disable=rank != 0):
         # A short batch is padded to full size (extras dropped): every call then has the same shapes,
         # and kernels round the same way whatever the split over processes.

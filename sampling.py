@@ -14,12 +14,13 @@ or step by step:
 
     model, cfg = sampling.load_model(args, device)        # args: the flags below
     sampler = sampling.make_sampler("dpm-solver", 25, cfg.diffusion_args)   # None, None: the objective's default
-    noise = torch.randn(len(labels), cfg.in_channels, cfg.latent_size, cfg.latent_size)
+    noise = torch.randn(len(labels), *cfg.latent_shape())
     latents = sampling.generate(model, sampler, labels, 4.0, noise)
     images = cli.to_uint8(sampling.load_decoder(cfg, device)(latents))   # N x H x W x C uint8
 """
 import argparse
 import dataclasses
+import sys
 import warnings
 
 import numpy as np
@@ -33,7 +34,7 @@ from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import config_name, model_args_for
+from models import compile_blocks, config_name, model_args_for
 
 SAMPLERS = cli.SAMPLERS
 
@@ -46,31 +47,38 @@ def add_model_args(parser, cfg_scale, num_sampling_steps=250):
                         help="a train.py checkpoint (its EMA weights), a state_dict, a .safetensors file, or a "
                              "diffusers DiT folder or hub id; default: the released DiT-XL/2 weights for "
                              "--image-size (downloaded once)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode in overlapping tiles (diffusers' tiled VAE): fixed memory for 1024 px and "
+                             "larger images, seams blended")
     cli.add_sampler_flags(parser, cfg_scale, num_sampling_steps)
 
 
 @dataclasses.dataclass
 class ModelSettings:
     model: str
-    image_size: int
+    image_size: object  # pixels: an int (square) or [height, width], as cli.image_size gives
     num_classes: int
     vae: str  # ema, mse or none
     vae_path: str
     in_channels: int
-    latent_size: int
+    latent_size: object  # the model's input, int or [height, width] like image_size
     ckpt: str
     model_args: dict = None
     diffusion_args: dict = None
 
+    def latent_shape(self):
+        """(channels, height, width) of one sample's start noise."""
+        return (self.in_channels, *cli.height_width(self.latent_size))
+
 
 def released_weights(args):
     """The released checkpoint's name for the flags, when no --ckpt is given."""
-    model_name, image_size = args.model or "DiT-XL/2", args.image_size or 256
-    name = f"DiT-XL-2-{image_size}x{image_size}.pt"
+    model_name, (height, width) = args.model or "DiT-XL/2", cli.height_width(args.image_size or 256)
+    name = f"DiT-XL-2-{height}x{width}.pt"
     if model_name != "DiT-XL/2" or name not in RELEASED_MODELS or (args.num_classes or 1000) != 1000:
         raise cli.UserError(f"released weights exist only for DiT-XL/2 at --image-size 256 or 512 with "
-                            f"1000 classes (asked: {model_name} at {image_size}, {args.num_classes or 1000} "
-                            f"classes); pass --ckpt PATH for other models")
+                            f"1000 classes (asked: {model_name} at {cli.size_text(args.image_size or 256)}, "
+                            f"{args.num_classes or 1000} classes); pass --ckpt PATH for other models")
     if args.vae == "none":
         raise cli.UserError("the released DiT-XL/2 weights are latent-space models; use --vae ema or mse")
     return name
@@ -85,25 +93,66 @@ def load_model(args, device):
     model_args = dict(loaded.model_args or _model_args_from_flags(args, loaded, vae))
     if args.model is not None:
         model_args.update(model_args_for(args.model))
+    if loaded.model_args:
+        refuse_variant_overrides(loaded.model_args, cli.model_variant_args(args))
     model_args.update(cli.model_variant_args(args))
     if vae is None:  # a bare state_dict: 4 channels are SD-VAE latents
         vae = "ema" if model_args["in_channels"] == 4 else "none"
     if vae == "none" and args.vae_path:
         raise cli.UserError("--vae-path was given with --vae none; drop one of them")
     downsample = 1 if vae == "none" else vae_lib.DOWNSAMPLE
-    image_size = args.image_size or loaded.settings.get("image_size") or model_args["input_size"] * downsample
-    if image_size % downsample:
-        raise cli.UserError(f"--image-size {image_size} must be a multiple of {downsample} for a latent-space model")
-    model_args["input_size"] = image_size // downsample
+    trained = model_args["input_size"]  # the input size the weights were trained at (None: unknown)
+    image_size = args.image_size or loaded.settings.get("image_size") or scaled_size(trained or 32, downsample)
+    height, width = cli.height_width(image_size)
+    step = downsample * model_args["patch_size"]
+    if height % step or width % step:
+        raise cli.UserError(f"--image-size {cli.size_text(image_size)} must have sides that are multiples of {step} "
+                            f"for this model (patch {model_args['patch_size']}"
+                            + (")" if downsample == 1 else f", in latents {downsample} times smaller)"))
+    image_size = cli.size_value(height, width)  # 256x256 is recorded as 256
+    latent_size = cli.size_value(height // downsample, width // downsample)
+    model_args["input_size"] = trained or latent_size  # DiT runs at any size; built at the trained one
     model_args["num_classes"] = args.num_classes or model_args["num_classes"]
     # A checkpoint trained through a local VAE folder decodes with it too, unless told otherwise.
     vae_path = args.vae_path or (loaded.settings.get("vae_path") if args.vae is None else None)
 
     model = checkpoint.build_model(model_args, loaded.state_dict, f"checkpoint {loaded.source}").to(device)
+    if cli.height_width(latent_size) != cli.height_width(model_args["input_size"]):
+        warn_other_size(loaded.source, model_args, image_size, downsample)
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
-                             model_args["input_size"], ckpt, model_args, loaded.diffusion_args)
+                             latent_size, ckpt, model_args, loaded.diffusion_args)
+    if getattr(args, "compile", False):  # the fast mode, --compile
+        compile_blocks(model)
     return model.eval(), settings
+
+
+def refuse_variant_overrides(recorded, given):
+    """A checkpoint that records its variant is sampled as that variant: another value of a flag
+    such as --norm or --rope-base would run its weights as a different network, with no error."""
+    for name, value in given.items():
+        if name in recorded and recorded[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise cli.UserError(f"{flag} {value} does not match the checkpoint, which was trained with {flag} "
+                                f"{recorded[name]}; drop {flag} (sampling reads it from the checkpoint)")
+
+
+def scaled_size(size, factor):
+    """An input size (int or [height, width]) times `factor`, in the same form."""
+    height, width = cli.height_width(size)
+    return cli.size_value(height * factor, width * factor)
+
+
+def warn_other_size(source, model_args, image_size, downsample):
+    """Sampling at a size other than the training size: models without a position table
+    (--pos rope, none) take any grid as they are; DiT's fixed sine-cosine table is recomputed for
+    the new grid (models.py), positions the model never trained on: one line says so."""
+    if model_args.get("pos", "sincos") != "sincos":
+        return
+    trained = cli.size_text(scaled_size(model_args["input_size"], downsample))
+    print(f"warning: {source} was trained at {trained} px with fixed sine-cosine positions; at "
+          f"{cli.size_text(image_size)} px they are recomputed for the new grid, positions it never trained on "
+          f"(expect weaker images; --pos rope models are made for this)", file=sys.stderr)
 
 
 def _model_args_from_flags(args, loaded, vae):
@@ -116,14 +165,23 @@ def _model_args_from_flags(args, loaded, vae):
         return found
     pixel = vae == "none"
     in_channels = loaded.state_dict.get("x_embedder.proj.weight", torch.empty(0, 3)).shape[1] if pixel else 4
-    return model_args_for(args.model, input_size=32, in_channels=in_channels, num_classes=1000)
+    # The size the weights were trained at, when their position table is square (else unknown: None).
+    positions = loaded.state_dict.get("pos_embed")
+    grid = int(round(positions.shape[1] ** 0.5)) if positions is not None and positions.ndim == 3 else 0
+    square = grid > 0 and grid * grid == positions.shape[1]
+    input_size = grid * model_args_for(args.model)["patch_size"] if square else None
+    return model_args_for(args.model, input_size=input_size, in_channels=in_channels, num_classes=1000)
 
 
-def load_decoder(settings, device, chunk_size=8):
-    """latents -> images in [-1, 1]: the VAE decoder, or the identity for pixel-space models."""
+def load_decoder(settings, device, chunk_size=8, tiling=False):
+    """latents -> images in [-1, 1]: the VAE decoder (tiled: in overlapping tiles, for large
+    images), or the identity for pixel-space models."""
     if settings.vae == "none":
+        if tiling:
+            raise cli.UserError("--vae-tiling applies to the VAE, but this is a pixel-space model (--vae none); "
+                                "drop --vae-tiling")
         return lambda latents: latents.float()
-    vae = vae_lib.load_vae(settings.vae, settings.vae_path, device)
+    vae = vae_lib.load_vae(settings.vae, settings.vae_path, device, tiling=tiling)
     return lambda latents: vae_lib.decode(vae, latents, chunk_size)
 
 
@@ -142,41 +200,115 @@ class Sampler:
     atol: float = None  # dopri5's tolerances
     rtol: float = None
     sde_diffusion: float = None  # sde: w(t) = sde_diffusion * t
+    cache_interval: int = 1  # BlockCache: every N-th model call runs all blocks; 1 = no caching
+    cache_start: int = 0  # BlockCache: the blocks before this one run at every call
+    cache_above: float = 0.0  # BlockCache: reuse only at noise levels of this one and above
     nfe: int = 0  # model evaluations per sample in the last generate() call (a guided pair counts once)
+    block_evals: int = 0  # DiT blocks run per sample in the last generate() call (0: not counted, no caching)
 
     def settings(self):
         """What changes the images, for sample_ddp.py's record (None where it does not apply)."""
+        cached = self.cache_interval > 1
         return {"sampler": self.name, "num_sampling_steps": self.steps, "atol": self.atol, "rtol": self.rtol,
                 "cfg_interval": list(self.cfg_interval) if self.cfg_interval else None,
-                "sde_diffusion": self.sde_diffusion}
+                "sde_diffusion": self.sde_diffusion, "cache_interval": self.cache_interval,
+                "cache_start": self.cache_start if cached else None,
+                "cache_above": self.cache_above if cached else None}
+
+
+class BlockCache:
+    """Training-free faster sampling by reusing deep-block outputs between adjacent model calls
+    (the idea of FORA, Selvaraju et al. 2024, and Delta-DiT, Chen et al. 2024): the model's
+    features change little from one sampling step to the next, the deep blocks' the least.
+
+    Every `interval`-th call of a generate() run (the first included) runs all blocks and keeps,
+    per sample, the residual the blocks from `start` on added to the tokens (their output minus
+    their input). The calls in between run the embeddings, blocks 0 .. start - 1 and the output
+    layer (with this step's timestep modulation) and add the kept residual in place of the rest.
+    Calls at noise levels below `above` (t for flow, timestep / 1000 for eps and v) run all blocks:
+    the last, least noisy steps, where fine detail forms, as Dynamic DiT spends its full depth
+    there too. A call whose batch differs from the kept one (--cfg-interval switching between the
+    guided and the conditional batch) runs all blocks. The state lives in one generate() run only, and
+    each sample's residual is its own row, so samples stay independent of their batch."""
+
+    def __init__(self, interval, start, above=0.0):
+        self.interval, self.start, self.above = interval, start, above
+        self.calls = self.block_evals = 0
+        self.residual = self._entry = None
+        self.level = 1.0
+
+    def next_call(self, level=1.0):
+        """A new model call, at noise level `level`."""
+        self.calls += 1
+        self.level = level
+
+    def enter(self, x):
+        """The tokens at block `start`: x plus the kept residual on a reusing call, else None (run them)."""
+        reuse = (self.calls - 1) % self.interval != 0 and self.level >= self.above
+        if reuse and self.residual is not None and self.residual.shape == x.shape:
+            return x + self.residual
+        self._entry = x
+        return None
+
+    def leave(self, x):
+        """The tokens after the last block, on a call that ran them all: keeps their residual."""
+        self.residual, self._entry = x - self._entry, None
+        return x
 
 
 def sampler_options(args):
     """make_sampler's options from the flags of cli.add_sampler_flags (the script's defaults included)."""
     return dict(default=(getattr(args, "default_sampler", "ddpm"), getattr(args, "default_sampling_steps", 250)),
                 cfg_interval=getattr(args, "cfg_interval", None), atol=getattr(args, "atol", 1e-6),
-                rtol=getattr(args, "rtol", 1e-3), sde_diffusion=getattr(args, "sde_diffusion", 1.0))
+                rtol=getattr(args, "rtol", 1e-3), sde_diffusion=getattr(args, "sde_diffusion", 1.0),
+                cache_interval=getattr(args, "cache_interval", 1), cache_start=getattr(args, "cache_start", 0),
+                cache_above=getattr(args, "cache_above", 0.0))
 
 
 def make_sampler(name, steps, diffusion_args=None, *, default=("ddpm", 250), cfg_interval=None, atol=1e-6,
-                 rtol=1e-3, sde_diffusion=1.0):
+                 rtol=1e-3, sde_diffusion=1.0, cache_interval=1, cache_start=0, cache_above=0.0):
     """ddpm: str(steps) respacing; ddim: ddim{steps}; dpm-solver: its own grid over the training
     steps; euler, heun, sde: `steps` equal steps in t; dopri5: adaptive. diffusion_args: the
     process the model was trained with (a checkpoint records them). name / steps None: the
-    objective's default, `default` (name, steps) for eps and v, heun and FLOW_STEPS for flow."""
+    objective's default, `default` (name, steps) for eps and v, heun and FLOW_STEPS for flow.
+    cache_interval > 1: reuse the blocks from cache_start on between model calls at noise levels
+    from cache_above up (BlockCache)."""
     objective = _objective(diffusion_args)
     name, steps = _resolve(name, steps, objective, default)
     check_sampler_fits(name, objective)
     if steps < 1 and name != "dopri5":
         raise cli.UserError(f"--num-sampling-steps must be at least 1, got {steps}")
     _check_options(cfg_interval, atol, rtol, sde_diffusion)
+    _check_cache(name, cache_interval, cache_start, cache_above)
     if objective == "flow":
         diffusion = create_process(diffusion_args)
     else:
         diffusion = _gaussian_process(name, steps, diffusion_args)
     return Sampler(name, steps, diffusion, objective, tuple(cfg_interval) if cfg_interval else None,
                    atol if name == "dopri5" else None, rtol if name == "dopri5" else None,
-                   sde_diffusion if name == "sde" else None)
+                   sde_diffusion if name == "sde" else None, int(cache_interval), int(cache_start), float(cache_above))
+
+
+def _check_cache(name, cache_interval, cache_start, cache_above):
+    if not (isinstance(cache_interval, int) and cache_interval >= 1):
+        raise cli.UserError(f"--cache-interval {cache_interval} must be a whole number of at least 1 "
+                            f"(1 = no caching; 2 or 3 reuse the deep blocks every other or two in three calls)")
+    if not (isinstance(cache_start, int) and cache_start >= 0):
+        raise cli.UserError(f"--cache-start {cache_start} must be a block index, 0 or more (0: reuse all blocks)")
+    if not 0 <= cache_above < 1:
+        raise cli.UserError(f"--cache-above {cache_above} must be a noise level in [0, 1) (t for flow, "
+                            f"timestep/1000 for eps and v), e.g. 0.2; 0 reuses at every level")
+    if cache_interval > 1 and name == "dopri5":
+        raise cli.UserError("--cache-interval does not work with dopri5, whose error control needs fresh evaluations; "
+                            "use --sampler heun or euler with a fixed --num-sampling-steps")
+
+
+def check_cache_fits(model, sampler):
+    """One line when --cache-start leaves no block to reuse in this model."""
+    depth = len(model.blocks)
+    if sampler.cache_interval > 1 and sampler.cache_start >= depth:
+        raise cli.UserError(f"--cache-start {sampler.cache_start} leaves nothing to reuse: this model has {depth} "
+                            f"blocks; use 0 to {depth - 1}")
 
 
 def _objective(diffusion_args):
@@ -246,19 +378,24 @@ def check_cfg_scale(cfg_scale):
                       f"(1 = no guidance, the paper uses 1.5 for FID and 4 for visuals)", stacklevel=2)
 
 
-def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None):
+def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None, block_cache=None):
     """The model function the samplers call, with guidance and autocast, returning float32.
     With cfg_interval, steps whose noise level is outside it run the conditional half alone
-    (its prediction serves both halves of the doubled batch)."""
+    (its prediction serves both halves of the doubled batch). block_cache: a BlockCache the
+    model's blocks use (each call one step of it)."""
+    cache = {} if block_cache is None else {"block_cache": block_cache}
+
     def forward(x, t, y):
+        if block_cache is not None:
+            block_cache.next_call(float(t[0]) / TIMESTEP_SCALE)
         with cli.autocast(precision, device):
             if cfg_scale == 1:
-                return model(x, t, y).float()
+                return model(x, t, y, **cache).float()
             if cfg_interval is not None and not _guided_at(t, cfg_interval):
                 half = len(x) // 2
-                conditional = model(x[:half], t[:half], y[:half]).float()
+                conditional = model(x[:half], t[:half], y[:half], **cache).float()
                 return torch.cat([conditional, conditional])
-            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels).float()
+            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels, **cache).float()
     return forward
 
 
@@ -302,8 +439,12 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     # Guiding only the first three channels is the release's quirk, kept for eps to reproduce its FID;
     # v and flow models have no such history and guide every channel.
     guide_all_channels = guide_all_channels or sampler.objective != "eps"
-    forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval),
-                       sampler)
+    block_cache = None
+    if sampler.cache_interval > 1:
+        check_cache_fits(model, sampler)
+        block_cache = BlockCache(sampler.cache_interval, sampler.cache_start, sampler.cache_above)
+    forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval,
+                               block_cache), sampler)
     kwargs = dict(y=y)
 
     if sampler.objective == "flow":
@@ -320,6 +461,7 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
         prediction = "v_prediction" if sampler.objective == "v" else "epsilon"
         out = dpm_solver_sample_loop(forward, z, sampler.diffusion.betas, sampler.steps, kwargs, progress,
                                      prediction_type=prediction)
+    sampler.block_evals = block_cache.block_evals if block_cache is not None else 0
     return out[:n]
 
 
@@ -380,7 +522,8 @@ def _ddpm_seeded(diffusion, forward, x, kwargs, step_noise, n, progress):
 
 def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_sampling_steps=None, seed=0,
                              batch_size=256, device="cpu", guide_all_channels=False, precision="fp32",
-                             vae=None, vae_path=None, progress=False, return_sampler=False, **sampler_options):
+                             vae=None, vae_path=None, vae_tiling=False, progress=False, return_sampler=False,
+                             **sampler_options):
     """N x H x W x C uint8 images for `labels` from a checkpoint (model settings from its stored args).
 
     sampler / num_sampling_steps None: the checkpoint objective's default (dpm-solver 25 for eps
@@ -395,8 +538,8 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_samp
     labels = cli.parse_class_labels(" ".join(str(int(y)) for y in labels), settings.num_classes)
     chosen = make_sampler(sampler, num_sampling_steps, settings.diffusion_args,
                           **{"default": ("dpm-solver", 25), **sampler_options})
-    decode = load_decoder(settings, device)
-    shape = (settings.in_channels, settings.latent_size, settings.latent_size)
+    decode = load_decoder(settings, device, tiling=vae_tiling)
+    shape = settings.latent_shape()
     out = []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="batches", leave=False) if progress else starts:

@@ -67,7 +67,7 @@ import metrics
 import vae as vae_lib
 from diffusion import OBJECTIVES, create_process
 from diffusion.flow import T_SAMPLINGS
-from models import describe_state_dict, load_weights, model_args_for
+from models import compile_blocks, describe_state_dict, load_weights, model_args_for
 
 
 # ------------------------------------------------------------------ flags
@@ -98,7 +98,6 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1): the EMA's weight on its past")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (off)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="data-loading processes per rank (default 0 for data held in memory, else 4)")
     parser.add_argument("--log-every", type=cli.positive_int, default=100)
@@ -113,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-num-samples", type=cli.positive_int, default=1000)
     parser.add_argument("--eval-cfg-scale", type=cli.finite_float, default=1.5)
     metrics.add_logger_flag(parser)
-    cli.add_device_flags(parser, precision="tf32")
+    cli.add_device_flags(parser, precision="tf32", compile=True)
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
     return check_objective_flags(parser.parse_args(argv))
@@ -153,22 +152,31 @@ def resolve_args(args):
     args.vae = args.vae or "ema"
     args.image_size = args.image_size or 256
     patch = model_args_for(args.model)["patch_size"]
+    height, width = cli.height_width(args.image_size)
     if args.vae == "none":
         if args.vae_path:
             raise cli.UserError("--vae-path was given with --vae none (pixel space); drop one of them")
         args.input_size = args.image_size
     else:
-        if args.image_size % vae_lib.DOWNSAMPLE:
-            raise cli.UserError(f"--image-size {args.image_size} is not divisible by {vae_lib.DOWNSAMPLE} (the VAE's "
-                                f"downsampling factor); use 256 or 512")
-        args.input_size = args.image_size // vae_lib.DOWNSAMPLE
+        if height % vae_lib.DOWNSAMPLE or width % vae_lib.DOWNSAMPLE:
+            raise cli.UserError(f"--image-size {cli.size_text(args.image_size)} is not divisible by "
+                                f"{vae_lib.DOWNSAMPLE} (the VAE's downsampling factor); use 256 or 512, or "
+                                f"multiples of 8 such as 256x384")
+        args.input_size = cli.size_value(height // vae_lib.DOWNSAMPLE, width // vae_lib.DOWNSAMPLE)
         args.in_channels = 4
-    if args.input_size % patch:
-        raise cli.UserError(f"--image-size {args.image_size} gives a {args.input_size}x{args.input_size} input, not "
-                            f"divisible by the patch size {patch} of {args.model}; use a multiple of {patch}")
+    if any(side % patch for side in cli.height_width(args.input_size)):
+        step = patch * (1 if args.vae == "none" else vae_lib.DOWNSAMPLE)
+        raise cli.UserError(f"--image-size {cli.size_text(args.image_size)} gives a {input_text(args)} input, "
+                            f"not divisible by the patch size {patch} of {args.model}; use sides that are "
+                            f"multiples of {step}")
     check_numbers(args)
     metrics.check_loggers(args.logger)
     return args
+
+
+def input_text(args):
+    """The model input's height x width, as 32x32 or 32x48."""
+    return "x".join(map(str, cli.height_width(args.input_size)))
 
 
 def take_feature_settings(args):
@@ -212,9 +220,10 @@ def check_eval_ref(args):
         raise cli.UserError(f"--eval-every needs --eval-ref pointing at a reference .npz (got {args.eval_ref!r})")
     if "arr_0" in evaluate.npz_keys(args.eval_ref, "--eval-ref"):
         shape = evaluate.npz_image_shape(args.eval_ref, "--eval-ref")
-        if tuple(shape[1:3]) != (args.image_size, args.image_size):
+        if tuple(shape[1:3]) != cli.height_width(args.image_size):
+            height, width = cli.height_width(args.image_size)
             raise cli.UserError(f"--eval-ref {args.eval_ref} holds {shape[1]}x{shape[2]} images but this run samples "
-                                f"{args.image_size}x{args.image_size}; use a reference batch at --image-size")
+                                f"{height}x{width}; use a reference batch at --image-size")
 
 
 def local_batch_size(global_batch_size, world_size):
@@ -383,9 +392,17 @@ def build_state(run):
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            **adamw_kernel(run.device))
     scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
     return State(model, ema, opt, scaler)
+
+
+def adamw_kernel(device):
+    """AdamW's implementation: fused on CUDA (one kernel for all tensors), multi-tensor (foreach)
+    on CPU, where PyTorch's default is a loop over the tensors; foreach gives the loop's results
+    bit for bit (tests/test_speed.py)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def restore(state, ckpt, path, args, steps_per_epoch):
@@ -398,6 +415,7 @@ def restore(state, ckpt, path, args, steps_per_epoch):
     state.opt.load_state_dict(ckpt["opt"])
     for group in state.opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        group.update(adamw_kernel(next(state.model.parameters()).device))  # not the saving machine's
     if ckpt.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(ckpt["scaler"])
     state.train_steps, state.epoch = ckpt["train_steps"], ckpt.get("epoch", 0)
@@ -442,7 +460,7 @@ def log_start(run, state, dataset, steps_per_epoch, resume):
     args, logger = run.args, run.logger
     logger.info(f"Experiment directory: {run.experiment_dir}")
     logger.info(f"{args.model}: {sum(p.numel() for p in state.model.parameters()):,} parameters; input "
-                f"{args.input_size}x{args.input_size}x{args.in_channels}; "
+                f"{input_text(args)}x{args.in_channels}; "
                 + (f"VAE {vae_lib.vae_source(args.vae, args.vae_path)}" if args.vae != "none" else "pixel space"))
     logger.info(f"Data: {len(dataset):,} images from {args.feature_path or args.data_path} "
                 f"({'pre-extracted latents' if args.feature_path else 'images'}); {steps_per_epoch} steps per "
@@ -463,7 +481,7 @@ def step_randomness(run, step, dropout, x_shape):
     flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[mine]
     drop = (torch.rand(B, generator=gen, device=device) < dropout)[mine].long()
     t = draw_timesteps(args, B, gen, device)[mine]
-    latent_noise = torch.randn((B, 4, args.input_size, args.input_size), generator=gen, device=device)[mine]
+    latent_noise = torch.randn((B, 4, *cli.height_width(args.input_size)), generator=gen, device=device)[mine]
     noise = torch.randn((B, *x_shape), generator=gen, device=device)[mine]
     return flip, drop, t, latent_noise, noise
 
@@ -513,6 +531,8 @@ def model_input(run, batch, flip, latent_noise, vae):
     x = images.float() / 127.5 - 1
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if vae is not None:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         mean, std = vae_lib.encode_distribution(vae, x)
         x = vae_lib.sample_latents(mean, std, noise=latent_noise)
     return x, y
@@ -641,7 +661,7 @@ def save_grid(images, path, image_size):
     from PIL import Image
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    zoom = max(1, 64 // image_size)
+    zoom = max(1, 64 // max(cli.height_width(image_size)))
     x = x.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
     grid = torchvision.utils.make_grid(x, nrow=min(8, len(x)), padding=2, pad_value=255).permute(1, 2, 0).numpy()
     files.save_image(Image.fromarray(grid), path)
@@ -652,7 +672,7 @@ def sample_grid(run, state, sampler, vae):
     """Eight EMA samples of spread-out classes from fixed noise, as a PNG (rank 0)."""
     args, n = run.args, 8
     labels = torch.tensor([i * args.num_classes // n for i in range(n)], device=run.device)
-    x_shape = (args.in_channels, args.input_size, args.input_size)
+    x_shape = (args.in_channels, *cli.height_width(args.input_size))
     noise = torch.randn((n, *x_shape), generator=torch.Generator().manual_seed(args.global_seed)).to(run.device)
     images = generate(run, state.ema, sampler, noise, labels, args.cfg_scale, vae, seed=args.global_seed)
     path = os.path.join(run.experiment_dir, "samples", f"{state.train_steps:07d}.png")
@@ -670,7 +690,7 @@ def evaluate_fid(run, state, sampler, vae):
     chunks = []
     for start in range(0, per_rank, run.local_batch):
         n = min(run.local_batch, per_rank - start)
-        noise = torch.randn((n, args.in_channels, args.input_size, args.input_size), generator=g).to(run.device)
+        noise = torch.randn((n, args.in_channels, *cli.height_width(args.input_size)), generator=g).to(run.device)
         labels = torch.randint(0, args.num_classes, (n,), generator=g).to(run.device)
         chunks.append(generate(run, state.ema, sampler, noise, labels, args.eval_cfg_scale, vae,
                                seed=step_seed(args.global_seed + 2, run.rank * 100_003 + start)))
@@ -714,15 +734,18 @@ def train(run):
     need_vae = args.vae != "none" and (not args.feature_path or (run.rank == 0 and args.sample_every)
                                        or args.eval_every)
     vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
+    if vae is not None and run.device.type == "cuda":  # cuDNN's faster layout for the encoder's convolutions
+        vae = vae.to(memory_format=torch.channels_last)
     state = build_state(run)
     if resume.path:
         restore(state, resume.ckpt, resume.path, args, steps_per_epoch)
         resume.ckpt = None  # free the loaded copy
     open_experiment(run, resume, state)
-    state.trained = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
-        if run.world_size > 1 else state.model
-    if args.compile:
-        state.trained = torch.compile(state.trained)
+    if args.compile:  # before DDP wraps it: DDP's gradient hooks stay outside the compiled graphs
+        compile_blocks(state.model)
+    # Gradients as views of DDP's buckets: no copy of every gradient into them each step.
+    state.trained = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                        gradient_as_bucket_view=True) if run.world_size > 1 else state.model
     state.trained.train()
     if run.rank == 0:
         log_start(run, state, dataset, steps_per_epoch, resume)
@@ -751,7 +774,7 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
     watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps, diffusion_args_for(args),
                                     **sampling.sampler_options(args)) if args.sample_every or args.eval_every else None
     dropout = state.model.y_embedder.dropout_prob
-    x_shape = (args.in_channels, args.input_size, args.input_size)
+    x_shape = (args.in_channels, *cli.height_width(args.input_size))
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     run.logger.info(f"Training for {max_steps} steps ({args.epochs} epochs at most)...")
     window, inputs = Window.new(run.device), None

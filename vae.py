@@ -2,6 +2,9 @@
 
 `--vae ema|mse` loads stabilityai/sd-vae-ft-ema or -mse from the Hugging Face hub (cached
 after the first download); a local diffusers AutoencoderKL folder works too (`--vae-path`).
+`--vae-tiling` (sample.py, sample_ddp.py, extract_features.py) turns on diffusers' tiled encode
+and decode: images larger than the VAE's tile (256 px for the SD VAE) go through it in
+overlapping tiles whose seams are blended, so memory stays fixed whatever the image size.
 """
 import os
 
@@ -27,8 +30,9 @@ def vae_source(vae, vae_path=None):
                     f"supported); pass a local diffusers folder with --vae-path")
 
 
-def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32):
-    """A frozen AutoencoderKL in eval mode, or a one-line error saying what failed and what to do."""
+def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32, tiling=False):
+    """A frozen AutoencoderKL in eval mode, or a one-line error saying what failed and what to do.
+    tiling: encode and decode large images in overlapping tiles (AutoencoderKL.enable_tiling)."""
     from diffusers.models import AutoencoderKL
 
     source = vae_source(vae, vae_path)
@@ -38,6 +42,8 @@ def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"could not load the VAE {source!r} ({reason}); connect to the internet once so it is "
                            f"cached, or pass --vae-path to a local diffusers AutoencoderKL folder") from None
+    if tiling:
+        model.enable_tiling()
     return model.to(device).eval().requires_grad_(False)
 
 

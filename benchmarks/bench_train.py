@@ -1,6 +1,6 @@
 """Training throughput (images/s) and peak memory of train.py for one config and batch size:
 encoding with the VAE on the fly against pre-extracted latents, and the latter with gradient
-checkpointing and with bf16.
+checkpointing, with bf16 and with --compile.
 
     python benchmarks/bench_train.py --model DiT-S/2 --image-size 256 --global-batch-size 8
     python benchmarks/bench_train.py --model DiT-XL/2 --image-size 256 --global-batch-size 64 --steps 20
@@ -28,6 +28,7 @@ VARIANTS = {  # name: (uses features, extra train.py flags)
     "features+ckpt": (True, ["--grad-checkpointing"]),
     "features+bf16": (True, ["--precision", "bf16"]),
     "features+bf16+ckpt": (True, ["--precision", "bf16", "--grad-checkpointing"]),
+    "features+compile": (True, ["--compile"]),  # the fast mode; raise --warmup to cover the compilation
 }
 
 

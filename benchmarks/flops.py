@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cli import UserError, run  # noqa: E402
-from models import BLOCKS, DiT, model_args_for  # noqa: E402
+from models import BLOCKS, DiT, input_hw, model_args_for  # noqa: E402
 
 # Table 4 of the paper (adaLN-Zero, 256x256): the reference the counts are checked against.
 PAPER_GFLOPS = {"DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/2": 23.01, "DiT-L/2": 80.70,
@@ -29,8 +29,7 @@ def params_and_gflops(model_args):
     """(parameters, Gflops of one forward pass of one image) of DiT(**model_args)."""
     with torch.device("meta"):
         model = DiT(**model_args).eval()
-        size, channels = model.input_size, model.in_channels
-        x = torch.zeros(1, channels, size, size)
+        x = torch.zeros(1, model.in_channels, *input_hw(model.input_size))
         t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x, t, y)

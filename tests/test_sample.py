@@ -189,7 +189,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, pixel_ckpt, capsys):
         (["--class-labels", "3 10"], ["class label 10", "[0, 9]"]),
         (["--sampler", "ddim", "--num-sampling-steps", "300"], ["300", "ddim", '"ddimN"', "comma-separated"]),
         (["--num-sampling-steps", "0"], ["at least 1"]),
-        (["--image-size", "16"], ["checkpoint", "input 8x8x1", "input 16x16x1", "--image-size"]),
+        (["--image-size", "9"], ["--image-size 9", "multiples of 2"]),
+        (["--model", "DiT-S/2"], ["checkpoint", "but the model built is DiT-S/2", "--model"]),
         (["--model", "DiT-Q/2"], ["'DiT-Q/2'", "DiT-XL/2", "DiT-S/8"]),
     ]
     for extra, expected in cases:

@@ -1,0 +1,117 @@
+"""The fast paths give the default path's results: the compiled blocks (--compile) within float32
+rounding, foreach AdamW bit for bit, and benchmarks/bench_gpu.py's tiny CPU mode runs.
+
+Tolerance of the compiled model: the compiler fuses and reorders float32 arithmetic (e.g. the
+tanh-GELU and LayerNorm), so outputs and gradients agree to rtol 1e-4 with an absolute
+tolerance of 1e-5 times the largest magnitude, as the golden files ask across CPUs.
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+import sampling
+import train
+from conftest import MODEL, ROOT, checkpoint, pixel_args, run_main, subprocess_env, write_images
+from tiny_dit import tiny
+
+
+def close(actual, expected):
+    atol = 1e-5 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
+
+
+def random_model(**kwargs):
+    """A tiny DiT whose every output depends on every weight (the release zero-initialises the last layers)."""
+    torch.manual_seed(0)
+    model = tiny(input_size=8, in_channels=4, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_the_default_forward_and_gradients():
+    eager, fast = random_model(), models.compile_blocks(random_model())
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 9, 10])
+    drop = torch.tensor([0, 1, 0, 0])  # label dropout fixed: training mode would draw it at random
+    close(fast(x, t, y, force_drop_ids=drop), eager(x, t, y, force_drop_ids=drop))
+    for model in (eager, fast):
+        model(x, t, y, force_drop_ids=drop).square().mean().backward()
+    for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+        if p.grad is not None:
+            close(q.grad, p.grad)
+    assert fast.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep the release's names
+
+
+def test_compile_blocks_compiles_each_block_and_nothing_else():
+    model = models.compile_blocks(tiny(input_size=8, in_channels=4, num_classes=10))
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert model._compiled_call_impl is None and model.final_layer._compiled_call_impl is None
+
+
+def test_sampling_scripts_take_compile(tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(random_model().state_dict(), ckpt)
+    base = dict(ckpt=str(ckpt), model=MODEL, image_size=8, num_classes=10, vae="none", vae_path=None, block=None,
+                context_tokens=None)
+    plain, _ = sampling.load_model(argparse.Namespace(**base), torch.device("cpu"))
+    fast, _ = sampling.load_model(argparse.Namespace(**base, compile=True), torch.device("cpu"))
+    assert plain.blocks[0]._compiled_call_impl is None and fast.blocks[0]._compiled_call_impl is not None
+    import sample
+    import sample_ddp
+
+    for script in (sample, sample_ddp, train):
+        assert script.parse_args(["--compile"]).compile and not script.parse_args([]).compile, script.__name__
+
+
+def test_foreach_adamw_is_the_default_loop_bit_for_bit():
+    assert train.adamw_kernel(torch.device("cpu")) == {"foreach": True}
+    assert train.adamw_kernel(torch.device("cuda")) == {"fused": True}
+    results = []
+    for kernel in ({}, train.adamw_kernel(torch.device("cpu"))):
+        model = random_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kernel)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append(model.state_dict())
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+
+
+@pytest.mark.slow
+def test_train_compile_matches_the_default_run(tmp_path):
+    pixels = write_images(tmp_path / "pixels")
+    for flags, folder in (((), "plain"), (("--compile",), "fast")):
+        assert run_main(pixel_args(pixels, tmp_path / folder, "--max-steps", 2, *flags)) is None
+    ours, ref = checkpoint(tmp_path / "fast", 2), checkpoint(tmp_path / "plain", 2)
+    for key in ("model", "ema"):
+        for name in ref[key]:
+            close(ours[key][name], ref[key][name])
+    assert ref["opt"]["param_groups"][0]["foreach"] is True
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_cpu_mode(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--device", "cpu", "--models", "DiT-S/8",
+                             "--steps", "2", "--batch-size", "2", "--sample-batch-size", "2", "--ddpm-steps", "3",
+                             "--dpm-steps", "5", "--json", str(out)], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "DiT-S/8" and row["train_images_per_sec"] > 0 and row["peak_memory_gib"] > 0
+    assert row["mfu"] > 0 and row["precision"] == "fp32" and not row["compile"]  # the CPU defaults
+    assert row["sample_images_per_sec"]["ddpm-3"] > 0 and row["sample_images_per_sec"]["dpm-solver-5"] > 0
+    assert "DiT-S/8" in result.stdout and "MFU" in result.stdout
