@@ -48,9 +48,29 @@ def pixel_args(data_path, results_dir, *extra):
             "--log-every", "1", "--ckpt-every", "4", "--cpu-threads", "1", *map(str, extra)]
 
 
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory):
+    """A tiny random pixel-space checkpoint (8x8, one channel)."""
+    path = tmp_path_factory.mktemp("pixel") / "tiny.pt"
+    tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
+    return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Ops this small run faster on one thread; two only contend (10x slower on a busy 2-core machine).
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_images(folder, per_class=8, classes=3, size=8, mode="L", seed=0):
+    """Random images in class folders; size: N or (height, width)."""
     rng = np.random.default_rng(seed)
-    shape = (size, size) if mode == "L" else (size, size, 3)
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (height, width) if mode == "L" else (height, width, 3)
     for c in range(classes):
         os.makedirs(folder / f"class{c}", exist_ok=True)
         for i in range(per_class):

@@ -18,16 +18,8 @@ from conftest import EXPERIMENT, pixel_args, run_main, write_images
 from diffusion import create_diffusion
 from models import BLOCKS, DiT, DiTBlock, MMDiTBlock
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Ops this small run faster on one thread; two only contend (10x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(block, seed=0, randomise=True, **kwargs):

@@ -160,13 +160,6 @@ def test_cached_seeded_samples_do_not_depend_on_their_batch(tmp_path):
     np.testing.assert_array_equal(both[:1], alone)
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pixel") / "tiny.pt"
-    tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
-    return str(path)
-
-
 def test_flags_reach_sample_py(pixel_ckpt, tmp_path):
     argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--sampler", "ddim", "--num-sampling-steps", "6",
             "--class-labels", "1", "2", "--output", str(tmp_path / "grid.png")]

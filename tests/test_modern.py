@@ -16,16 +16,8 @@ import sampling
 from conftest import EXPERIMENT, pixel_args, run_main, write_images
 from models import BLOCKS, DiT, create_model, rotate, sincos_pos_embed_2d
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Ops this small run faster on one thread; two only contend on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(input_size=8, seed=0, randomise=True, **kwargs):

@@ -23,13 +23,6 @@ tiny_dit.register()
 LABELS = [1, 2, 3, 4, 5, 6, 7, 0]
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pixel") / "tiny.pt"
-    tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
-    return str(path)
-
-
 def run_cli(main, argv, capsys):
     """cli.run(main) in-process: (exit code, stderr)."""
     with pytest.raises(SystemExit) as e:

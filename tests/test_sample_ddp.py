@@ -89,13 +89,6 @@ def test_resumed_run_completes_the_same_set(latent_setup, single):
     np.testing.assert_array_equal(np.load(resumed)["arr_0"], np.load(single)["arr_0"])
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pixel") / "tiny.pt"
-    tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
-    return str(path)
-
-
 def test_balanced_classes_and_pixel_space(tmp_path, pixel_ckpt):
     npz = sample_ddp.main(["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "20",
                            "--per-proc-batch-size", "8", "--num-sampling-steps", "2", "--sampler", "ddim",

@@ -22,7 +22,7 @@ import sample_ddp
 import tiny_dit
 import tiny_vae
 import train
-from conftest import EXPERIMENT, MODEL, run_main
+from conftest import EXPERIMENT, MODEL, run_main, write_images
 
 tiny_dit.register()
 
@@ -94,15 +94,9 @@ def test_height_by_width_crop_covers_then_takes_the_centre():
 
 
 # ------------------------------------------------------------------ end to end in pixel space
-def write_photos(folder, height, width, classes=2, per_class=4, mode="L"):
+def write_photos(folder, height, width, mode="L"):
     """Non-square photos (not the target's shape), so the crop has work to do."""
-    rng = np.random.default_rng(3)
-    shape = (height, width) if mode == "L" else (height, width, 3)
-    for c in range(classes):
-        os.makedirs(folder / f"class{c}", exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"class{c}" / f"{i}.png")
-    return folder
+    return write_images(folder, per_class=4, classes=2, size=(height, width), mode=mode, seed=3)
 
 
 def train_pixels(photos, results, size, *extra):
