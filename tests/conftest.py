@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import cli  # noqa: E402  (after the path is set)
+from models import DiT  # noqa: E402
 import tiny_dit  # noqa: E402
 import train  # noqa: E402
 
@@ -64,6 +65,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_dit(seed=0, randomise=True, **model_args):
+    """A DiT(**model_args) in eval mode; randomise: every trainable weight drawn from N(0, 0.2), as after
+    training (a fresh one outputs zero, which would hide most differences)."""
+    torch.manual_seed(seed)
+    model = DiT(**model_args)
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.2)
+    return model.eval()
 
 
 def write_images(folder, per_class=8, classes=3, size=8, mode="L", seed=0):

@@ -14,7 +14,7 @@ import cli
 import sample
 import sampling
 from benchmarks import flops
-from conftest import EXPERIMENT, pixel_args, run_main, write_images
+from conftest import EXPERIMENT, pixel_args, random_dit, run_main, write_images
 from diffusion import create_diffusion
 from models import BLOCKS, DiT, DiTBlock, MMDiTBlock
 
@@ -23,15 +23,8 @@ TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, nu
 
 
 def tiny(block, seed=0, randomise=True, **kwargs):
-    """A tiny DiT of `block`; randomise: every weight non-zero, as after training (a fresh one outputs zero)."""
-    torch.manual_seed(seed)
-    model = DiT(block=block, **{**TINY, **kwargs})
-    if randomise:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.2)
-    return model
+    """A tiny DiT of `block` in training mode (see conftest.random_dit)."""
+    return random_dit(seed, randomise, block=block, **{**TINY, **kwargs}).train()
 
 
 def batch(n=4):

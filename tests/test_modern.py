@@ -13,7 +13,7 @@ import checkpoint
 import cli
 import sample
 import sampling
-from conftest import EXPERIMENT, pixel_args, run_main, write_images
+from conftest import EXPERIMENT, pixel_args, random_dit, run_main, write_images
 from models import BLOCKS, DiT, create_model, rotate, sincos_pos_embed_2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,15 +21,8 @@ TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 
 
 def tiny(input_size=8, seed=0, randomise=True, **kwargs):
-    """A tiny DiT; randomise: every weight non-zero, as after training (a fresh one outputs zero)."""
-    torch.manual_seed(seed)
-    model = DiT(input_size=input_size, **{**TINY, **kwargs})
-    if randomise:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.2)
-    return model.eval()
+    """A tiny DiT (see conftest.random_dit)."""
+    return random_dit(seed, randomise, input_size=input_size, **{**TINY, **kwargs})
 
 
 def inputs(height, width, n=2, channels=4, seed=0):
