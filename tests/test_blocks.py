@@ -14,7 +14,8 @@ import cli
 import sample
 import sampling
 from benchmarks import flops
-from conftest import EXPERIMENT, pixel_args, random_dit, run_main, write_images
+from conftest import (EXPERIMENT, assert_checkpointing_keeps_the_gradients, pixel_args, random_dit, run_main,
+                      write_images)
 from diffusion import create_diffusion
 from models import BLOCKS, DiT, DiTBlock, MMDiTBlock
 
@@ -63,16 +64,7 @@ def test_shapes_guidance_halves_and_checkpointing(block):
         guided = model.forward_with_cfg(torch.cat([x[:2], x[:2]]), t, torch.tensor([1, 2, 5, 5]), 4.0)
     torch.testing.assert_close(guided[:2, :3], guided[2:, :3], rtol=0, atol=0)
     model.train()
-    drop = torch.tensor([0, 1, 0, 1])
-    model(x, t, y, force_drop_ids=drop).square().sum().backward()
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    assert all(p.grad is not None for _, p in trained)  # DDP needs every weight used
-    reference = [p.grad.clone() for _, p in trained]
-    model.zero_grad()
-    model.gradient_checkpointing = True
-    model(x, t, y, force_drop_ids=drop).square().sum().backward()
-    for (name, p), grad in zip(trained, reference):
-        torch.testing.assert_close(p.grad, grad, msg=name)
+    assert_checkpointing_keeps_the_gradients(model, x, t, y)
 
 
 @pytest.mark.parametrize("block", BLOCKS)

@@ -13,7 +13,8 @@ import checkpoint
 import cli
 import sample
 import sampling
-from conftest import EXPERIMENT, pixel_args, random_dit, run_main, write_images
+from conftest import (EXPERIMENT, assert_checkpointing_keeps_the_gradients, pixel_args, random_dit, run_main,
+                      write_images)
 from models import BLOCKS, DiT, create_model, rotate, sincos_pos_embed_2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,16 +188,7 @@ def test_every_block_composes_with_each_option(block, option):
     checkpointing gives the same gradients, guidance keeps the halves equal."""
     model = tiny(8, block=block, **OPTIONS[option]).train()
     x, t, y = inputs(8, 12, n=4)
-    drop = torch.tensor([0, 1, 0, 1])
-    model(x, t, y, force_drop_ids=drop).square().sum().backward()
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trained)
-    reference = [p.grad.clone() for _, p in trained]
-    model.zero_grad()
-    model.gradient_checkpointing = True
-    model(x, t, y, force_drop_ids=drop).square().sum().backward()
-    for (name, p), grad in zip(trained, reference):
-        torch.testing.assert_close(p.grad, grad, msg=name)
+    assert_checkpointing_keeps_the_gradients(model, x, t, y)
     with torch.no_grad():
         guided = model.eval().forward_with_cfg(torch.cat([x[:2], x[:2]]), t, torch.tensor([1, 2, 5, 5]), 4.0)
     torch.testing.assert_close(guided[:2, :3], guided[2:, :3], rtol=0, atol=0)
