@@ -182,15 +182,16 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
 
 def add_device_flags(parser, precision, compile=False):
     """--device and --precision; `precision` is the script's default (None: PyTorch's own settings).
-    compile=True adds --compile, the model's fast mode (models.compile_blocks)."""
+    compile=True adds --compile, the model's fast mode (models.compile_model)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
                         help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
                              + (precision or "PyTorch's own settings, as the original sample.py"))
     if compile:
         parser.add_argument("--compile", action="store_true",
-                            help="fast mode: torch.compile each DiT block (models.compile_blocks); outputs match "
-                                 "the default to float rounding; the first batch waits for the compiler")
+                            help="fast mode: torch.compile the model (models.compile_model; train.py: also fused "
+                                 "AdamW); outputs match the default to float rounding; the first batch waits for the "
+                                 "compiler")
 
 
 def image_size(text):

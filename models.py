@@ -590,7 +590,8 @@ class DiT(nn.Module):
         the conditional then the unconditional condition sequences, as the labels.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y, context=context, block_cache=block_cache)
+        # self(...), not self.forward(...): a compiled model (--compile) runs its compiled forward here too
+        out = self(torch.cat([half, half]), t, y, context=context, block_cache=block_cache)
         n = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :n], out[:, n:]
         cond_eps, uncond_eps = eps.split(len(eps) // 2, dim=0)
@@ -691,16 +692,36 @@ def create_model(name, **kwargs):
     return DiT(**model_args_for(name, **kwargs))
 
 
-def compile_blocks(model, **options):
-    """The fast mode (--compile): torch.compile each block of `model` in place, which is
-    regional compilation: the blocks share one compiled graph (their weights are its inputs),
-    so it compiles once, in a fraction of the time the whole model takes, and the rest of the
-    model (embedders, final layer, gradient checkpointing, DDP's hooks) runs as before. The
-    compiler fuses what the release runs as separate kernels (bias + tanh-GELU, LayerNorm +
-    modulation, gate + residual). The default (uncompiled) model is untouched; compiled
-    outputs match it to float32 rounding (tests/test_speed.py). `options` go to torch.compile."""
-    for block in model.blocks:
-        block.compile(**options)
+def compile_model(model, inference=False, blocks_only=False):
+    """The fast mode (--compile): the whole model through torch.compile, in place (Module.compile:
+    calls of the model, forward_with_cfg's and DDP's included, run the compiled forward, and the
+    state_dict keeps the release's names). The compiler fuses what the release runs as separate
+    kernels (bias + tanh-GELU, LayerNorm + modulation, gate + residual, the attention's reshapes).
+    inference=True (sampling) on CPU also freezes the weights into the no-grad graph (Inductor's
+    `freezing`: the linear layers' weights pre-packed for MKL's matmul, constants folded); the
+    packed copies do not follow later changes, so only a model whose weights are final may be
+    compiled so.
+    blocks_only compiles each block instead (regional compilation: the blocks share one graph,
+    compiled in a fraction of the whole model's time): train.py's choice, where it measured as
+    fast as the whole model, and block caching's, whose Python-side choice of the blocks to run
+    would make the whole-model graph recompile at every sampling step. The default (uncompiled) model
+    is untouched; compiled outputs match it to float32 rounding (tests/test_speed.py)."""
+    if blocks_only:
+        for block in model.blocks:
+            block.compile()
+        return model
+    if not (inference and next(model.parameters()).device.type == "cpu"):
+        model.compile()
+        return model
+    compiled = torch.compile(model.forward)
+
+    def frozen_forward(*args, **kwargs):
+        # Dynamo reads `freezing` from the global config as it traces (torch.compile's options
+        # reach only Inductor), so it is set around each call, and left as it was outside them.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    model.forward = frozen_forward  # Module.__call__ (and so forward_with_cfg) runs it
     return model
 
 

@@ -34,7 +34,7 @@ from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import compile_blocks, config_name, model_args_for
+from models import compile_model, config_name, model_args_for
 
 SAMPLERS = cli.SAMPLERS
 
@@ -122,8 +122,8 @@ def load_model(args, device):
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
                              latent_size, ckpt, model_args, loaded.diffusion_args)
-    if getattr(args, "compile", False):  # the fast mode, --compile
-        compile_blocks(model)
+    if getattr(args, "compile", False):  # the fast mode, --compile; caching needs the blocks compiled apart
+        compile_model(model, inference=True, blocks_only=getattr(args, "cache_interval", 1) > 1)
     return model.eval(), settings
 
 

@@ -14,7 +14,7 @@ the paper's Gflops (multiply-adds, one 256px image's forward) x 2 (flops per mul
 below, or --peak-tflops); elsewhere (CPU, fp32) against a plain matmul timed in the same run.
 Peak memory is the CUDA allocator's peak over the training steps (CPU: the process's peak RSS).
 Sampling times the EMA model with guidance (cfg 1.5, the FID setting; the batch is doubled),
-the VAE decode excluded. --compile (default on CUDA) is the fast mode, models.compile_blocks.
+the VAE decode excluded. --compile (default on CUDA) is the fast mode, models.compile_model.
 """
 import argparse
 import json
@@ -36,7 +36,7 @@ import train  # noqa: E402
 from diffusion import create_process  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from flops import params_and_gflops  # noqa: E402
-from models import compile_blocks, create_model, model_args_for  # noqa: E402
+from models import compile_model, create_model, model_args_for  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
@@ -53,7 +53,7 @@ def parse_args():
     parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
                         help="default bf16 on CUDA, fp32 on CPU (where bf16 is emulated without AVX-512 BF16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="models.compile_blocks (default: on CUDA)")
+                        help="models.compile_model (default: on CUDA)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--sample-batch-size", type=int, default=64, help="images per sampling call")
     parser.add_argument("--ddpm-steps", type=int, default=250)
@@ -99,9 +99,9 @@ def build(args, name, device):
     ema = create_model(name, input_size=latent).to(device).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
     if args.compile:
-        compile_blocks(model)
-        compile_blocks(ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, **train.adamw_kernel(device))
+        compile_model(model, blocks_only=True)  # as train.py --compile
+        compile_model(ema)  # not frozen (inference=True): train_step updates its weights
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, **train.adamw_kernel(device, args.compile))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     return train.State(model, ema, opt, scaler, trained=model)
 

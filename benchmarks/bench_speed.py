@@ -4,16 +4,23 @@
     python benchmarks/bench_speed.py --old HEAD~3 --what forward --repeats 5
 
 The old code is materialised from git (`git archive OLD`) into a scratch folder, so both run
-from their own files on the same job. Runs alternate (old, new, new --compile, old, ...) and
-each variant's median over --repeats is reported, because a shared machine's speed drifts.
+from their own files on the same job, because a shared machine's speed drifts: by 10% and more
+over minutes on the 2-core development machine.
+
+forward: DiT-S/2 (random, non-zero weights) at batch 8 on 32x32x4 latents, forward and
+forward+backward on one thread. One process loads the old models.py beside the new one and
+builds the old model, the new one and the new one in the fast mode (forward: as sample.py
+--compile, the whole model compiled, weights frozen into the no-grad graph; forward+backward: as
+train.py --compile, each block compiled), all with the same weights, and calls them in turns, call by call, so that a
+drift hits all three alike. Each figure is the fastest of --iters rounds (other jobs only ever
+add time), then the median over --repeats processes; the old and new default outputs are
+compared bit for bit.
 
 train: `torchrun --nproc_per_node=2 train.py` (gloo on CPU; a launcher times train_step calls) on
 generated 256px JPEGs through a small stand-in VAE (tests/tiny_vae.py: the Stable Diffusion
-VAE's shape, 8 channels), DiT-S/2,
-global batch 8; steps/s from each run's metrics.jsonl after --warmup steps (which also absorb
---compile's compilation). forward: DiT-S/2 (random, non-zero weights) at batch 8 on 32x32x4
-latents, forward and forward+backward on one thread, each variant in a fresh process that
-imports its own models.py; the old and new default outputs are compared bit for bit.
+VAE's shape, 8 channels), DiT-S/2, global batch 8; steps/s over --steps after --warmup steps
+(which also absorb --compile's compilation). Runs alternate (old, new, new --compile, old, ...)
+and each variant's median over --repeats is reported.
 
 Each figure comes twice: per wall-clock second, and per second of the process's CPU time (all
 its threads; train: rank 0). On a machine shared with other jobs the wall clock measures the
@@ -27,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -52,43 +61,56 @@ finally:
             json.dump(marks, f)
 """
 
-# Run inside a fresh interpreter in the code folder given as argv[1]: times the model there.
+# Run in a fresh interpreter: argv[1] the old code folder, argv[2] the new one. Builds the old
+# model, the new one and the new one in the fast mode with the same weights, then times them in
+# turns, call by call (the order rotating each round), so that a drift in the machine's speed
+# hits all three alike.
 FORWARD_CHILD = r"""
-import hashlib, json, sys, time
-sys.path.insert(0, sys.argv[1])
+import hashlib, importlib.util, json, sys, time
+old_dir, new_dir, model_name, batch, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+sys.path.insert(0, new_dir)
 import torch
 torch.set_num_threads(1)  # one thread: the process CPU time is then the work done, whatever else runs
-from models import create_model
-fast, model_name, batch, iters = sys.argv[2] == "compile", sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+import models
+spec = importlib.util.spec_from_file_location("old_models", f"{old_dir}/models.py")
+old_models = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(old_models)
 torch.manual_seed(0)
-model = create_model(model_name, input_size=32)
+new = models.create_model(model_name, input_size=32).eval()  # as sampling: no random label dropout
 with torch.no_grad():  # the release's zero-initialised output layers would make every output 0
-    for p in model.parameters():
-        if p.requires_grad:
-            p.normal_(0, 0.02)
+    for p in new.parameters():
+        p.normal_(0, 0.02)
+variants = {"old": old_models.create_model(model_name, input_size=32).eval(), "new": new,
+            "new compiled": models.create_model(model_name, input_size=32).eval(),
+            "new compiled train": models.create_model(model_name, input_size=32).eval()}
+for model in variants.values():
+    model.load_state_dict(new.state_dict())
 x, t, y = torch.randn(batch, 4, 32, 32), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
-start = time.perf_counter()
-if fast:
-    from models import compile_blocks
-    compile_blocks(model)
-def forward():
+def forward(model):
     with torch.no_grad():
         return model(x, t, y)
-def forward_backward():
+def forward_backward(model):
     model(x, t, y).square().mean().backward()
-out = forward()
-forward_backward()
+    model.zero_grad(set_to_none=True)
+outs = {name: forward(model) for name, model in variants.items()}
+start = time.perf_counter()
+models.compile_model(variants["new compiled"], inference=True)  # as sample.py --compile: frozen no-grad graph
+models.compile_model(variants["new compiled train"], blocks_only=True)  # as train.py --compile
+outs["new compiled"] = forward(variants["new compiled"])
+forward_backward(variants["new compiled train"])
 first = time.perf_counter() - start
-def median_time(fn):
-    wall, cpu = [], []
-    for _ in range(iters):
-        s, c = time.perf_counter(), time.process_time(); fn()
-        wall.append(time.perf_counter() - s); cpu.append(time.process_time() - c)
-    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
-(fw, fc), (bw, bc) = median_time(forward), median_time(forward_backward)
-print(json.dumps({"forward": fw, "forward_backward": bw, "forward_cpu": fc, "forward_backward_cpu": bc,
-                  "first_call": first, "sha": hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16],
-                  "out": out.flatten()[:4096].tolist(), "threads": torch.get_num_threads()}))
+times = {f"{name} {kind}": [] for name in variants for kind in ("forward", "forward_backward")}
+for r in range(rounds):
+    for fn in (forward, forward_backward):
+        names = ["old", "new", "new compiled" if fn is forward else "new compiled train"]
+        for name in names[r % 3:] + names[:r % 3]:
+            s, c = time.perf_counter(), time.process_time()
+            fn(variants[name])
+            times[f"{name} {fn.__name__}"].append((time.perf_counter() - s, time.process_time() - c))
+sha = {name: hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16] for name, out in outs.items()}
+print(json.dumps({"times": times, "first_call": first, "same": sha["old"] == sha["new"],
+                  "compiled_diff": (outs["new compiled"] - outs["new"]).abs().max().item(),
+                  "scale": outs["new"].abs().max().item()}))
 """
 
 
@@ -133,9 +155,9 @@ def train_once(code, extra, work, images, vae, args, tag):
     return args.steps / (wall1 - wall0), args.steps / (cpu1 - cpu0)
 
 
-def forward_once(code, fast, args):
-    result = subprocess.run([sys.executable, "-c", FORWARD_CHILD, code, "compile" if fast else "eager", args.model,
-                             str(args.batch_size), str(args.iters)], capture_output=True, text=True)
+def forward_once(old, new, args):
+    result = subprocess.run([sys.executable, "-c", FORWARD_CHILD, old, new, args.model, str(args.batch_size),
+                             str(args.iters)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: the forward benchmark failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -169,29 +191,59 @@ def bench_train(args, old, new, work):
     print("steps per CPU-second of rank 0 (robust to other jobs on the machine):")
     for name in variants:
         report(name, cpu, "steps/cpu-s", statistics.median(cpu["old"]))
+    per_rank = args.global_batch_size // args.nproc
+    print_floor(f"a step's forward+backward of {per_rank} images on rank 0",
+                *matmul_floor(args.model, per_rank, passes=3), 1 / statistics.median(cpu["old"]))
 
 
 def bench_forward(args, old, new):
-    variants = {"old": (old, False), "new": (new, False), "new compiled": (new, True)}
-    runs = {name: [] for name in variants}
-    print(f"\nmodel, {args.model} batch {args.batch_size} at 32x32x4, median of {args.iters} calls per process:",
-          flush=True)
+    """Each figure: the fastest of --iters calls (other jobs only ever add time), then the median over
+    --repeats processes; images/s by the wall clock and per CPU-second of the one thread."""
+    print(f"\nmodel, {args.model} batch {args.batch_size} at 32x32x4, old / new / new compiled called in turns, "
+          f"{args.iters} rounds in each of {args.repeats} processes:", flush=True)
+    runs = []
     for repeat in range(args.repeats):
-        for name, (code, fast) in variants.items():
-            runs[name].append(forward_once(code, fast, args))
-            r = runs[name][-1]
-            print(f"  repeat {repeat} {name}: forward {r['forward']:.3f}s, forward+backward "
-                  f"{r['forward_backward']:.3f}s, first call {r['first_call']:.1f}s, {r['threads']} threads",
-                  flush=True)
-    for key in ("forward", "forward_backward", "forward_cpu", "forward_backward_cpu"):
-        speed = {name: [args.batch_size / r[key] for r in rs] for name, rs in runs.items()}
-        print(f"{key} (images/s{' of CPU time, one thread' if key.endswith('cpu') else ''}):")
-        for name in variants:
-            report(name, speed, "images/s", statistics.median(speed["old"]))
-    same = runs["old"][0]["sha"] == runs["new"][0]["sha"]
-    diff = max(abs(a - b) for a, b in zip(runs["new"][0]["out"], runs["new compiled"][0]["out"]))
-    print(f"new default forward bit-identical to the old one: {same}; compiled vs default: max |difference| "
-          f"{diff:.2e} (first 4096 outputs)")
+        runs.append(forward_once(old, new, args))
+        print(f"  process {repeat}: compiling took {runs[-1]['first_call']:.0f}s", flush=True)
+    for kind in ("forward", "forward_backward"):
+        names = ("old", "new", "new compiled" if kind == "forward" else "new compiled train")
+        for clock, label in ((0, "wall clock"), (1, "CPU time, one thread")):
+            speed = {name: [args.batch_size / min(t[clock] for t in run["times"][f"{name} {kind}"]) for run in runs]
+                     for name in names}
+            print(f"{kind}, images/s ({label}):")
+            for name in names:
+                report(name, speed, "images/s", statistics.median(speed["old"]))
+    same = all(run["same"] for run in runs)
+    diff, scale = runs[0]["compiled_diff"], runs[0]["scale"]
+    print(f"new default forward bit-identical to the old one: {same}; compiled (frozen) vs default: max |difference| "
+          f"{diff:.2e} (outputs up to {scale:.2f})")
+    old_forward = statistics.median(min(t[1] for t in run["times"]["old forward"]) for run in runs)
+    print_floor(f"the forward of {args.batch_size} images", *matmul_floor(args.model, args.batch_size), old_forward)
+
+
+def matmul_floor(model, images, passes=1):
+    """(GFLOP, GFLOP/s, least seconds): the multiply-adds of `passes` x the forward of `images` images
+    (backward: 2 more) at this CPU's fp32 matmul rate, one thread, on the MLP's shape."""
+    from flops import params_and_gflops
+    from models import model_args_for
+
+    torch.set_num_threads(1)
+    gflop = 2 * params_and_gflops(model_args_for(model, input_size=32))[1] * images * passes  # 2 per multiply-add
+    hidden = model_args_for(model)["hidden_size"]
+    a, w = torch.randn(images * 256, hidden), torch.randn(hidden, 4 * hidden)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ w
+        best = min(best, time.perf_counter() - start)
+    rate = 2 * a.shape[0] * hidden * 4 * hidden / best / 1e9
+    return gflop, rate, gflop / rate
+
+
+def print_floor(what, gflop, rate, floor, old_seconds):
+    print(f"matmul floor: {what}: {gflop:.0f} GFLOP at this CPU's fp32 matmul rate ({rate:.0f} GFLOP/s, one thread) "
+          f"take at least {floor:.2f} s, the old code {old_seconds:.2f} s: an fp32 fast mode can reach at most "
+          f"{old_seconds / floor:.2f}x, with all else free")
 
 
 def main():
@@ -201,7 +253,7 @@ def main():
     parser.add_argument("--model", default="DiT-S/2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="forward: batch")
-    parser.add_argument("--iters", type=int, default=3, help="forward: timed calls per process")
+    parser.add_argument("--iters", type=int, default=5, help="forward: rounds of timed calls per process")
     parser.add_argument("--global-batch-size", type=int, default=8, help="train")
     parser.add_argument("--nproc", type=int, default=2, help="train: processes")
     parser.add_argument("--steps", type=int, default=3, help="train: timed steps per run")

@@ -1,5 +1,6 @@
-"""The fast paths give the default path's results: the compiled blocks (--compile) within float32
-rounding, foreach AdamW bit for bit, and benchmarks/bench_gpu.py's tiny CPU mode runs.
+"""The fast paths give the default path's results: the compiled model (--compile; whole, frozen for
+sampling, or block by block for block caching) and fused AdamW within float32 rounding, foreach
+AdamW bit for bit, and benchmarks/bench_gpu.py's tiny CPU mode runs.
 
 Tolerance of the compiled model: the compiler fuses and reorders float32 arithmetic (e.g. the
 tanh-GELU and LayerNorm), so outputs and gradients agree to rtol 1e-4 with an absolute
@@ -36,24 +37,48 @@ def random_model(**kwargs):
     return model
 
 
-@pytest.mark.slow
-def test_compiled_blocks_match_the_default_forward_and_gradients():
-    eager, fast = random_model(), models.compile_blocks(random_model())
+def inputs():
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 9, 10])
-    drop = torch.tensor([0, 1, 0, 0])  # label dropout fixed: training mode would draw it at random
+    return x, t, y, torch.tensor([0, 1, 0, 0])  # label dropout fixed: training mode would draw it at random
+
+
+def assert_same_gradients(fast, eager, x, t, y, drop):
     close(fast(x, t, y, force_drop_ids=drop), eager(x, t, y, force_drop_ids=drop))
     for model in (eager, fast):
         model(x, t, y, force_drop_ids=drop).square().mean().backward()
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         if p.grad is not None:
             close(q.grad, p.grad)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_the_default_forward_and_gradients():
+    x, t, y, drop = inputs()
+    eager, fast = random_model(), models.compile_model(random_model())
+    assert_same_gradients(fast, eager, x, t, y, drop)
     assert fast.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep the release's names
+    blocks = models.compile_model(random_model(), blocks_only=True)
+    assert_same_gradients(blocks, random_model(), x, t, y, drop)
 
 
-def test_compile_blocks_compiles_each_block_and_nothing_else():
-    model = models.compile_blocks(tiny(input_size=8, in_channels=4, num_classes=10))
-    assert all(block._compiled_call_impl is not None for block in model.blocks)
-    assert model._compiled_call_impl is None and model.final_layer._compiled_call_impl is None
+@pytest.mark.slow
+def test_frozen_inference_model_matches_the_default_with_guidance():
+    """Sampling's fast mode: the weights frozen into the graph (pre-packed for MKL), called through forward_with_cfg."""
+    x, t, y, _ = inputs()
+    eager = random_model().eval()
+    fast = models.compile_model(random_model().eval(), inference=True)
+    with torch.no_grad():
+        close(fast(x, t, y), eager(x, t, y))
+        close(fast.forward_with_cfg(x, t, y, 4.0), eager.forward_with_cfg(x, t, y, 4.0))
+    assert not torch._inductor.config.freezing  # set only around the calls
+
+
+def test_compile_model_compiles_the_model_or_only_its_blocks():
+    whole = models.compile_model(tiny(input_size=8, in_channels=4, num_classes=10))
+    assert whole._compiled_call_impl is not None and whole.blocks[0]._compiled_call_impl is None
+    blocks = models.compile_model(tiny(input_size=8, in_channels=4, num_classes=10), blocks_only=True)
+    assert all(block._compiled_call_impl is not None for block in blocks.blocks)
+    assert blocks._compiled_call_impl is None and blocks.final_layer._compiled_call_impl is None
 
 
 def test_sampling_scripts_take_compile(tmp_path):
@@ -64,7 +89,9 @@ def test_sampling_scripts_take_compile(tmp_path):
                 context_tokens=None)
     plain, _ = sampling.load_model(argparse.Namespace(**base), torch.device("cpu"))
     fast, _ = sampling.load_model(argparse.Namespace(**base, compile=True), torch.device("cpu"))
-    assert plain.blocks[0]._compiled_call_impl is None and fast.blocks[0]._compiled_call_impl is not None
+    cached, _ = sampling.load_model(argparse.Namespace(**base, compile=True, cache_interval=2), torch.device("cpu"))
+    assert plain.forward == plain.__class__.forward.__get__(plain) and "frozen" in fast.forward.__name__
+    assert cached._compiled_call_impl is None and "frozen" not in cached.forward.__name__ and cached.blocks[0]._compiled_call_impl is not None
     import sample
     import sample_ddp
 
@@ -72,22 +99,28 @@ def test_sampling_scripts_take_compile(tmp_path):
         assert script.parse_args(["--compile"]).compile and not script.parse_args([]).compile, script.__name__
 
 
-def test_foreach_adamw_is_the_default_loop_bit_for_bit():
-    assert train.adamw_kernel(torch.device("cpu")) == {"foreach": True}
-    assert train.adamw_kernel(torch.device("cuda")) == {"fused": True}
-    results = []
-    for kernel in ({}, train.adamw_kernel(torch.device("cpu"))):
-        model = random_model()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kernel)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-        results.append(model.state_dict())
-    for name in results[0]:
-        assert torch.equal(results[0][name], results[1][name]), name
+def adamw_steps(kernel):
+    model = random_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kernel)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return model.state_dict()
+
+
+def test_adamw_kernels_match_the_default_loop():
+    """Default CPU: foreach, bit for bit the loop; the fast mode's fused kernel within float32 rounding."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.adamw_kernel(cpu) == {"foreach": True, "fused": None}
+    assert train.adamw_kernel(cuda)["fused"] and train.adamw_kernel(cpu, fast=True)["fused"]
+    loop, foreach, fused = (adamw_steps(kernel) for kernel in ({}, train.adamw_kernel(cpu),
+                                                                 train.adamw_kernel(cpu, fast=True)))
+    for name in loop:
+        assert torch.equal(loop[name], foreach[name]), name
+        close(fused[name], loop[name])
 
 
 @pytest.mark.slow
@@ -99,7 +132,7 @@ def test_train_compile_matches_the_default_run(tmp_path):
     for key in ("model", "ema"):
         for name in ref[key]:
             close(ours[key][name], ref[key][name])
-    assert ref["opt"]["param_groups"][0]["foreach"] is True
+    assert ref["opt"]["param_groups"][0]["foreach"] is True and ours["opt"]["param_groups"][0]["fused"] is True
 
 
 @pytest.mark.slow
