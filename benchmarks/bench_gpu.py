@@ -100,7 +100,7 @@ def build(args, name, device):
     ema.load_state_dict(model.state_dict())
     if args.compile:
         compile_model(model, blocks_only=True)  # as train.py --compile
-        compile_model(ema)  # not frozen (inference=True): train_step updates its weights
+        compile_model(ema)  # without inference=True (frozen weights): train_step updates them
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, **train.adamw_kernel(device, args.compile))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     return train.State(model, ema, opt, scaler, trained=model)
