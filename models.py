@@ -693,9 +693,9 @@ def create_model(name, **kwargs):
 
 
 def compile_model(model, inference=False, blocks_only=False):
-    """The fast mode (--compile): the whole model through torch.compile, in place (Module.compile:
-    calls of the model, forward_with_cfg's and DDP's included, run the compiled forward, and the
-    state_dict keeps the release's names). The compiler fuses what the release runs as separate
+    """The fast mode (--compile): the whole model through torch.compile, in place (calls of the
+    model, forward_with_cfg's and DDP's included, run the compiled forward, and the state_dict
+    keeps the release's names). The compiler fuses what the release runs as separate
     kernels (bias + tanh-GELU, LayerNorm + modulation, gate + residual, the attention's reshapes).
     inference=True (sampling) on CPU also freezes the weights into the no-grad graph (Inductor's
     `freezing`: the linear layers' weights pre-packed for MKL's matmul, constants folded); the

@@ -10,11 +10,13 @@ over minutes on the 2-core development machine.
 forward: DiT-S/2 (random, non-zero weights) at batch 8 on 32x32x4 latents, forward and
 forward+backward on one thread. One process loads the old models.py beside the new one and
 builds the old model, the new one and the new one in the fast mode (forward: as sample.py
---compile, the whole model compiled, weights frozen into the no-grad graph; forward+backward: as
-train.py --compile, each block compiled), all with the same weights, and calls them in turns, call by call, so that a
-drift hits all three alike. Each figure is the fastest of --iters rounds (other jobs only ever
-add time), then the median over --repeats processes; the old and new default outputs are
-compared bit for bit.
+--compile, the whole model compiled, weights frozen into the no-grad graph; forward+backward:
+as train.py --compile, each block compiled), all with the same weights, and calls them in
+turns, call by call, so that a drift hits all three alike. Each figure is the fastest of
+--iters rounds (other jobs only ever add time), then the median over --repeats processes; the
+old and new default outputs are compared bit for bit. Both parts end with the matmul floor: the
+model's multiply-adds at this CPU's measured fp32 matmul rate, the most an fp32 fast mode could
+gain.
 
 train: `torchrun --nproc_per_node=2 train.py` (gloo on CPU; a launcher times train_step calls) on
 generated 256px JPEGs through a small stand-in VAE (tests/tiny_vae.py: the Stable Diffusion
@@ -229,8 +231,9 @@ def matmul_floor(model, images, passes=1):
 
     torch.set_num_threads(1)
     gflop = 2 * params_and_gflops(model_args_for(model, input_size=32))[1] * images * passes  # 2 per multiply-add
-    hidden = model_args_for(model)["hidden_size"]
-    a, w = torch.randn(images * 256, hidden), torch.randn(hidden, 4 * hidden)
+    config = model_args_for(model, input_size=32)
+    hidden, tokens = config["hidden_size"], (32 // config["patch_size"]) ** 2
+    a, w = torch.randn(images * tokens, hidden), torch.randn(hidden, 4 * hidden)
     best = float("inf")
     for _ in range(10):
         start = time.perf_counter()
