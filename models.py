@@ -192,13 +192,21 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1, tanh-GELU, fc2. sigmoid_gelu (set by compile_model) writes the GELU as the same function
+    x * sigmoid(2u) in place of 0.5 * x * (1 + tanh(u)): the compiled CPU kernel's exp is about 2.7x
+    faster than its tanh, and the results agree to float32 rounding."""
+    sigmoid_gelu = False
+
     def __init__(self, dim, hidden_dim):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        x = self.fc1(x)
+        if self.sigmoid_gelu:  # 2u = 2 * sqrt(2 / pi) * (x + 0.044715 x^3)
+            return self.fc2(x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x)))
+        return self.fc2(F.gelu(x, approximate="tanh"))
 
 
 def make_mlp(kind, dim, mlp_ratio):
@@ -696,7 +704,8 @@ def compile_model(model, inference=False, blocks_only=False):
     """The fast mode (--compile): the whole model through torch.compile, in place (calls of the
     model, forward_with_cfg's and DDP's included, run the compiled forward, and the state_dict
     keeps the release's names). The compiler fuses what the release runs as separate
-    kernels (bias + tanh-GELU, LayerNorm + modulation, gate + residual, the attention's reshapes).
+    kernels (bias + GELU, LayerNorm + modulation, gate + residual, the attention's reshapes), and
+    the GELU is computed through exp instead of tanh (Mlp.sigmoid_gelu).
     inference=True (sampling) on CPU also freezes the weights into the no-grad graph (Inductor's
     `freezing`: the linear layers' weights pre-packed for MKL's matmul, constants folded); the
     packed copies do not follow later changes, so only a model whose weights are final may be
@@ -706,6 +715,9 @@ def compile_model(model, inference=False, blocks_only=False):
     fast as the whole model, and block caching's, whose Python-side choice of the blocks to run
     would make the whole-model graph recompile at every sampling step. The default (uncompiled) model
     is untouched; compiled outputs match it to float32 rounding (tests/test_speed.py)."""
+    for module in model.modules():
+        if isinstance(module, Mlp):
+            module.sigmoid_gelu = True
     if blocks_only:
         for block in model.blocks:
             block.compile()

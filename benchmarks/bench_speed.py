@@ -8,15 +8,17 @@ from their own files on the same job, because a shared machine's speed drifts: b
 over minutes on the 2-core development machine.
 
 forward: DiT-S/2 (random, non-zero weights) at batch 8 on 32x32x4 latents, forward and
-forward+backward on one thread. One process loads the old models.py beside the new one and
-builds the old model, the new one and the new one in the fast mode (forward: as sample.py
---compile, the whole model compiled, weights frozen into the no-grad graph; forward+backward:
-as train.py --compile, each block compiled), all with the same weights, and calls them in
-turns, call by call, so that a drift hits all three alike. Each figure is the fastest of
---iters rounds (other jobs only ever add time), then the median over --repeats processes; the
-old and new default outputs are compared bit for bit. Both parts end with the matmul floor: the
-model's multiply-adds at this CPU's measured fp32 matmul rate, the most an fp32 fast mode could
-gain.
+forward+backward on one thread. A process makes one kind of call, as sample.py (forward only) and
+train.py (forward+backward) do: it loads the old models.py beside the new one, builds the old
+model, the new one and the new one in the fast mode (forward: as sample.py --compile, the whole
+model compiled, weights frozen into the no-grad graph; forward+backward: as train.py --compile,
+each block compiled), all with the same weights, and calls them in turns, --calls calls of one
+model in a row (a sampler or a training loop calls one model: the first call after a switch
+finds the caches holding another model's weights), so that a drift hits all three alike. Each
+figure is the fastest call of --iters rounds (other jobs only ever add time), then the median
+over --repeats processes; the old and new default outputs are compared bit for bit. The forward
+part ends with the matmul floor, and so does the train part: the model's multiply-adds at this
+CPU's measured fp32 matmul rate, the most an fp32 fast mode could gain.
 
 train: `torchrun --nproc_per_node=2 train.py` (gloo on CPU; a launcher times train_step calls) on
 generated 256px JPEGs through a small stand-in VAE (tests/tiny_vae.py: the Stable Diffusion
@@ -36,8 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -63,13 +63,16 @@ finally:
             json.dump(marks, f)
 """
 
-# Run in a fresh interpreter: argv[1] the old code folder, argv[2] the new one. Builds the old
-# model, the new one and the new one in the fast mode with the same weights, then times them in
-# turns, call by call (the order rotating each round), so that a drift in the machine's speed
-# hits all three alike.
+# Run in a fresh interpreter: argv[1] the old code folder, argv[2] the new one, argv[3] the kind
+# of call (forward or forward_backward). Builds the old model, the new one and the new one in the
+# fast mode with the same weights, then times them in turns (the order rotating each round), so
+# that a drift in the machine's speed hits all three alike. A process makes one kind of call, as
+# sample.py (forward only) or train.py does: a backward's large allocations would otherwise leave
+# malloc's heap grown, sparing the forward the page faults it meets in a sampling process.
 FORWARD_CHILD = r"""
 import hashlib, importlib.util, json, sys, time
-old_dir, new_dir, model_name, batch, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+old_dir, new_dir, kind, model_name = sys.argv[1:5]
+batch, rounds, calls = map(int, sys.argv[5:8])
 sys.path.insert(0, new_dir)
 import torch
 torch.set_num_threads(1)  # one thread: the process CPU time is then the work done, whatever else runs
@@ -83,8 +86,7 @@ with torch.no_grad():  # the release's zero-initialised output layers would make
     for p in new.parameters():
         p.normal_(0, 0.02)
 variants = {"old": old_models.create_model(model_name, input_size=32).eval(), "new": new,
-            "new compiled": models.create_model(model_name, input_size=32).eval(),
-            "new compiled train": models.create_model(model_name, input_size=32).eval()}
+            "new compiled": models.create_model(model_name, input_size=32).eval()}
 for model in variants.values():
     model.load_state_dict(new.state_dict())
 x, t, y = torch.randn(batch, 4, 32, 32), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
@@ -92,29 +94,32 @@ def forward(model):
     with torch.no_grad():
         return model(x, t, y)
 def forward_backward(model):
-    model(x, t, y).square().mean().backward()
+    loss = model(x, t, y).square().mean()
+    loss.backward()
     model.zero_grad(set_to_none=True)
-outs = {name: forward(model) for name, model in variants.items()}
+    return loss.detach()
+call = forward if kind == "forward" else forward_backward
+outs = {name: call(model) for name, model in variants.items()}
 start = time.perf_counter()
-models.compile_model(variants["new compiled"], inference=True)  # as sample.py --compile: frozen no-grad graph
-models.compile_model(variants["new compiled train"], blocks_only=True)  # as train.py --compile
-outs["new compiled"] = forward(variants["new compiled"])
-forward_backward(variants["new compiled train"])
+if kind == "forward":
+    models.compile_model(variants["new compiled"], inference=True)  # as sample.py --compile: frozen no-grad graph
+else:
+    models.compile_model(variants["new compiled"], blocks_only=True)  # as train.py --compile
+outs["new compiled"] = call(variants["new compiled"])
 first = time.perf_counter() - start
-times = {f"{name} {kind}": [] for name in variants for kind in ("forward", "forward_backward")}
+times = {name: [] for name in variants}
 for r in range(rounds):
-    for fn in (forward, forward_backward):
-        names = ["old", "new", "new compiled" if fn is forward else "new compiled train"]
-        for name in names[r % 3:] + names[:r % 3]:
+    names = list(variants)
+    for name in names[r % 3:] + names[:r % 3]:
+        for _ in range(calls):
             s, c = time.perf_counter(), time.process_time()
-            fn(variants[name])
-            times[f"{name} {fn.__name__}"].append((time.perf_counter() - s, time.process_time() - c))
+            call(variants[name])
+            times[name].append((time.perf_counter() - s, time.process_time() - c))
 sha = {name: hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16] for name, out in outs.items()}
 print(json.dumps({"times": times, "first_call": first, "same": sha["old"] == sha["new"],
                   "compiled_diff": (outs["new compiled"] - outs["new"]).abs().max().item(),
                   "scale": outs["new"].abs().max().item()}))
 """
-
 
 def materialise(rev, folder):
     """The tracked files of `rev` in folder."""
@@ -157,9 +162,9 @@ def train_once(code, extra, work, images, vae, args, tag):
     return args.steps / (wall1 - wall0), args.steps / (cpu1 - cpu0)
 
 
-def forward_once(old, new, args):
-    result = subprocess.run([sys.executable, "-c", FORWARD_CHILD, old, new, args.model, str(args.batch_size),
-                             str(args.iters)], capture_output=True, text=True)
+def forward_once(old, new, kind, args):
+    result = subprocess.run([sys.executable, "-c", FORWARD_CHILD, old, new, kind, args.model, str(args.batch_size),
+                             str(args.iters), str(args.calls)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: the forward benchmark failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -194,57 +199,74 @@ def bench_train(args, old, new, work):
     for name in variants:
         report(name, cpu, "steps/cpu-s", statistics.median(cpu["old"]))
     per_rank = args.global_batch_size // args.nproc
-    print_floor(f"a step's forward+backward of {per_rank} images on rank 0",
-                *matmul_floor(args.model, per_rank, passes=3), 1 / statistics.median(cpu["old"]))
+    floor = matmul_floor(args.model, per_rank, passes=3, processes=args.nproc)
+    print_floor(f"a step's forward+backward of {per_rank} images on rank 0 ({args.nproc} processes multiplying)",
+                *floor, 1 / statistics.median(cpu["old"]))
 
 
 def bench_forward(args, old, new):
-    """Each figure: the fastest of --iters calls (other jobs only ever add time), then the median over
+    """Each figure: the fastest of --iters x --calls calls (other jobs only ever add time), then the median over
     --repeats processes; images/s by the wall clock and per CPU-second of the one thread."""
     print(f"\nmodel, {args.model} batch {args.batch_size} at 32x32x4, old / new / new compiled called in turns, "
-          f"{args.iters} rounds in each of {args.repeats} processes:", flush=True)
-    runs = []
-    for repeat in range(args.repeats):
-        runs.append(forward_once(old, new, args))
-        print(f"  process {repeat}: compiling took {runs[-1]['first_call']:.0f}s", flush=True)
-    for kind in ("forward", "forward_backward"):
-        names = ("old", "new", "new compiled" if kind == "forward" else "new compiled train")
+          f"{args.calls} calls in a row, {args.iters} rounds in each of {args.repeats} processes per kind:", flush=True)
+    for kind, fast in (("forward", "frozen whole model, as sample.py"), ("forward_backward", "blocks, as train.py")):
+        runs = []
+        for repeat in range(args.repeats):
+            runs.append(forward_once(old, new, kind, args))
+            print(f"  {kind} process {repeat}: compiling took {runs[-1]['first_call']:.0f}s", flush=True)
         for clock, label in ((0, "wall clock"), (1, "CPU time, one thread")):
-            speed = {name: [args.batch_size / min(t[clock] for t in run["times"][f"{name} {kind}"]) for run in runs]
-                     for name in names}
-            print(f"{kind}, images/s ({label}):")
-            for name in names:
+            speed = {name: [args.batch_size / min(t[clock] for t in run["times"][name]) for run in runs]
+                     for name in runs[0]["times"]}
+            print(f"{kind}, images/s ({label}; new compiled: {fast}):")
+            for name in speed:
                 report(name, speed, "images/s", statistics.median(speed["old"]))
-    same = all(run["same"] for run in runs)
-    diff, scale = runs[0]["compiled_diff"], runs[0]["scale"]
-    print(f"new default forward bit-identical to the old one: {same}; compiled (frozen) vs default: max |difference| "
-          f"{diff:.2e} (outputs up to {scale:.2f})")
-    old_forward = statistics.median(min(t[1] for t in run["times"]["old forward"]) for run in runs)
-    print_floor(f"the forward of {args.batch_size} images", *matmul_floor(args.model, args.batch_size), old_forward)
+        what = "output" if kind == "forward" else "loss"
+        print(f"new default {what} bit-identical to the old one: {all(run['same'] for run in runs)}; compiled vs "
+              f"default: max |difference| {runs[0]['compiled_diff']:.2e} (values up to {runs[0]['scale']:.2f})")
+        if kind == "forward":
+            old_forward = statistics.median(min(t[1] for t in run["times"]["old"]) for run in runs)
+            print_floor(f"the forward of {args.batch_size} images", *matmul_floor(args.model, args.batch_size),
+                        old_forward)
 
 
-def matmul_floor(model, images, passes=1):
+# Run in `processes` interpreters at once: each waits for the wall-clock time argv[3], so that all
+# multiply together, then prints its fp32 matmul rate (GFLOP/s) on one thread on the MLP's shape
+# (argv: rows, hidden): the fastest product of the next 3 seconds.
+RATE_CHILD = r"""
+import sys, time, torch
+torch.set_num_threads(1)
+rows, hidden, start = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+a, w = torch.randn(rows, hidden), torch.randn(hidden, 4 * hidden)
+time.sleep(max(0.0, start - time.time()))
+best = float("inf")
+while time.time() < start + 3:
+    begin = time.perf_counter()
+    a @ w
+    best = min(best, time.perf_counter() - begin)
+print(2 * rows * hidden * 4 * hidden / best / 1e9)
+"""
+
+
+def matmul_floor(model, images, passes=1, processes=1):
     """(GFLOP, GFLOP/s, least seconds): the multiply-adds of `passes` x the forward of `images` images
-    (backward: 2 more) at this CPU's fp32 matmul rate, one thread, on the MLP's shape."""
+    (backward: 2 more) at this CPU's fp32 matmul rate on one thread, on the MLP's shape, measured
+    while `processes` processes multiply at once (as train.py's ranks do: the cores then share the
+    memory system and the chip's power, and each multiplies more slowly than alone)."""
     from flops import params_and_gflops
     from models import model_args_for
 
-    torch.set_num_threads(1)
-    gflop = 2 * params_and_gflops(model_args_for(model, input_size=32))[1] * images * passes  # 2 per multiply-add
     config = model_args_for(model, input_size=32)
-    hidden, tokens = config["hidden_size"], (32 // config["patch_size"]) ** 2
-    a, w = torch.randn(images * tokens, hidden), torch.randn(hidden, 4 * hidden)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ w
-        best = min(best, time.perf_counter() - start)
-    rate = 2 * a.shape[0] * hidden * 4 * hidden / best / 1e9
+    gflop = 2 * params_and_gflops(config)[1] * images * passes  # 2 per multiply-add
+    rows = images * (32 // config["patch_size"]) ** 2
+    start = str(time.time() + 5)  # after every child's import of torch
+    children = [subprocess.Popen([sys.executable, "-c", RATE_CHILD, str(rows), str(config["hidden_size"]), start],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    rate = statistics.mean(float(child.communicate()[0]) for child in children)
     return gflop, rate, gflop / rate
 
 
 def print_floor(what, gflop, rate, floor, old_seconds):
-    print(f"matmul floor: {what}: {gflop:.0f} GFLOP at this CPU's fp32 matmul rate ({rate:.0f} GFLOP/s, one thread) "
+    print(f"matmul floor: {what}: {gflop:.0f} GFLOP at this CPU's fp32 matmul rate ({rate:.0f} GFLOP/s per thread) "
           f"take at least {floor:.2f} s, the old code {old_seconds:.2f} s: an fp32 fast mode can reach at most "
           f"{old_seconds / floor:.2f}x, with all else free")
 
@@ -256,7 +278,8 @@ def main():
     parser.add_argument("--model", default="DiT-S/2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="forward: batch")
-    parser.add_argument("--iters", type=int, default=5, help="forward: rounds of timed calls per process")
+    parser.add_argument("--iters", type=int, default=3, help="forward: rounds of timed calls per process")
+    parser.add_argument("--calls", type=int, default=3, help="forward: calls of one model in a row in a round")
     parser.add_argument("--global-batch-size", type=int, default=8, help="train")
     parser.add_argument("--nproc", type=int, default=2, help="train: processes")
     parser.add_argument("--steps", type=int, default=3, help="train: timed steps per run")
