@@ -127,4 +127,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.keep_freed_memory()  # as a script only: a process importing main keeps its own malloc settings
     cli.run(main)

@@ -191,4 +191,5 @@ def _sample(args, rank, world_size, device):
 
 
 if __name__ == "__main__":
+    cli.keep_freed_memory()  # as a script only: a process importing main keeps its own malloc settings
     cli.run(main)

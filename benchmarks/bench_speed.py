@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speed.py                        # against d4c8731 (main before issue 14)
     python benchmarks/bench_speed.py --old HEAD~3 --what forward --repeats 5
+    python benchmarks/bench_speed.py --what heap             # sample.py's malloc setting
 
 The old code is materialised from git (`git archive OLD`) into a scratch folder, so both run
 from their own files on the same job, because a shared machine's speed drifts: by 10% and more
@@ -26,7 +27,11 @@ VAE's shape, 8 channels), DiT-S/2, global batch 8; steps/s over --steps after --
 (which also absorb --compile's compilation). Runs alternate (old, new, new --compile, old, ...)
 and each variant's median over --repeats is reported.
 
-Each figure comes twice: per wall-clock second, and per second of the process's CPU time (all
+heap: the eager forward as a sampling process makes it, with glibc's malloc as it comes and then
+after cli.keep_freed_memory (sample.py's setting, which cannot be undone in a process), with the
+page faults per call.
+
+Each figure comes twice (forward and train): per wall-clock second, and per second of the process's CPU time (all
 its threads; train: rank 0). On a machine shared with other jobs the wall clock measures the
 neighbours as much as the code; CPU time counts the work this code does.
 """
@@ -120,6 +125,35 @@ print(json.dumps({"times": times, "first_call": first, "same": sha["old"] == sha
                   "compiled_diff": (outs["new compiled"] - outs["new"]).abs().max().item(),
                   "scale": outs["new"].abs().max().item()}))
 """
+
+# Run in a fresh interpreter (argv: the code folder, model, batch, calls): the eager forward's
+# process CPU time and page faults per call, as a sampling process makes them, before and after
+# cli.keep_freed_memory (sample.py's malloc setting; two calls to settle between).
+HEAP_CHILD = r"""
+import json, resource, sys, time
+code, model_name, batch, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, code)
+import torch
+torch.set_num_threads(1)
+import cli, models
+torch.manual_seed(0)
+model = models.create_model(model_name, input_size=32).eval()
+x, t, y = torch.randn(batch, 4, 32, 32), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
+def measure(n):
+    seconds, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        start = time.process_time()
+        with torch.no_grad():
+            model(x, t, y)
+        seconds.append(time.process_time() - start)
+    return min(seconds), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+measure(1)
+before = measure(calls)
+cli.keep_freed_memory()
+measure(2)
+print(json.dumps({"default": before, "keep_freed_memory": measure(calls)}))
+"""
+
 
 def materialise(rev, folder):
     """The tracked files of `rev` in folder."""
@@ -229,6 +263,26 @@ def bench_forward(args, old, new):
                         old_forward)
 
 
+def bench_heap(args, new):
+    """The eager forward in a sampling process with glibc's malloc as it comes and after sample.py's
+    keep_freed_memory, in one process (malloc cannot be set back), median over --repeats processes."""
+    print(f"\nsampling process, eager {args.model} forward at batch {args.batch_size}: malloc as it comes, then "
+          f"cli.keep_freed_memory, {args.calls} calls each, {args.repeats} processes:", flush=True)
+    runs = []
+    for _ in range(args.repeats):
+        result = subprocess.run([sys.executable, "-c", HEAP_CHILD, new, args.model, str(args.batch_size),
+                                 str(args.calls)], capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"error: the heap benchmark failed:\n{result.stderr[-3000:]}")
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    base = statistics.median(run["default"][0] for run in runs)
+    for name in ("default", "keep_freed_memory"):
+        seconds = statistics.median(run[name][0] for run in runs)
+        faults = statistics.median(run[name][1] for run in runs)
+        print(f"{name:>18}: median {args.batch_size / seconds:7.3f} images/s (CPU time)  ratio {base / seconds:5.2f}x  "
+              f"{faults:8.0f} page faults per call", flush=True)
+
+
 # Run in `processes` interpreters at once: each waits for the wall-clock time argv[3], so that all
 # multiply together, then prints its fp32 matmul rate (GFLOP/s) on one thread on the MLP's shape
 # (argv: rows, hidden): the fastest product of the next 3 seconds.
@@ -274,7 +328,7 @@ def print_floor(what, gflop, rate, floor, old_seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", default="d4c8731", help="git revision of the old code")
-    parser.add_argument("--what", default="forward,train", help="comma-separated: forward, train")
+    parser.add_argument("--what", default="forward,train,heap", help="comma-separated: forward, train, heap")
     parser.add_argument("--model", default="DiT-S/2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="forward: batch")
@@ -294,6 +348,8 @@ def main():
         bench_forward(args, old, ROOT)
     if "train" in args.what:
         bench_train(args, old, ROOT, work)
+    if "heap" in args.what:
+        bench_heap(args, ROOT)
     print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
