@@ -31,9 +31,9 @@ heap: the eager forward as a sampling process makes it, with glibc's malloc as i
 after cli.keep_freed_memory (sample.py's setting, which cannot be undone in a process), with the
 page faults per call.
 
-Each figure comes twice (forward and train): per wall-clock second, and per second of the process's CPU time (all
-its threads; train: rank 0). On a machine shared with other jobs the wall clock measures the
-neighbours as much as the code; CPU time counts the work this code does.
+Each figure of forward and train comes twice: per wall-clock second, and per second of the
+process's CPU time (all its threads; train: rank 0). On a machine shared with other jobs the wall
+clock measures the neighbours as much as the code; CPU time counts the work this code does.
 """
 import argparse
 import json
@@ -196,11 +196,11 @@ def train_once(code, extra, work, images, vae, args, tag):
     return args.steps / (wall1 - wall0), args.steps / (cpu1 - cpu0)
 
 
-def forward_once(old, new, kind, args):
-    result = subprocess.run([sys.executable, "-c", FORWARD_CHILD, old, new, kind, args.model, str(args.batch_size),
-                             str(args.iters), str(args.calls)], capture_output=True, text=True)
+def run_child(source, *argv, what):
+    """Run a *_CHILD script in a fresh interpreter; its last line of output, parsed as JSON."""
+    result = subprocess.run([sys.executable, "-c", source, *map(str, argv)], capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"error: the forward benchmark failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"error: the {what} benchmark failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -246,7 +246,8 @@ def bench_forward(args, old, new):
     for kind, fast in (("forward", "frozen whole model, as sample.py"), ("forward_backward", "blocks, as train.py")):
         runs = []
         for repeat in range(args.repeats):
-            runs.append(forward_once(old, new, kind, args))
+            runs.append(run_child(FORWARD_CHILD, old, new, kind, args.model, args.batch_size, args.iters,
+                                  args.calls, what=kind))
             print(f"  {kind} process {repeat}: compiling took {runs[-1]['first_call']:.0f}s", flush=True)
         for clock, label in ((0, "wall clock"), (1, "CPU time, one thread")):
             speed = {name: [args.batch_size / min(t[clock] for t in run["times"][name]) for run in runs]
@@ -270,11 +271,7 @@ def bench_heap(args, new):
           f"cli.keep_freed_memory, {args.calls} calls each, {args.repeats} processes:", flush=True)
     runs = []
     for _ in range(args.repeats):
-        result = subprocess.run([sys.executable, "-c", HEAP_CHILD, new, args.model, str(args.batch_size),
-                                 str(args.calls)], capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"error: the heap benchmark failed:\n{result.stderr[-3000:]}")
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        runs.append(run_child(HEAP_CHILD, new, args.model, args.batch_size, args.calls, what="heap"))
     base = statistics.median(run["default"][0] for run in runs)
     for name in ("default", "keep_freed_memory"):
         seconds = statistics.median(run[name][0] for run in runs)
@@ -336,7 +333,7 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="forward: calls of one model in a row in a round")
     parser.add_argument("--global-batch-size", type=int, default=8, help="train")
     parser.add_argument("--nproc", type=int, default=2, help="train: processes")
-    parser.add_argument("--steps", type=int, default=3, help="train: timed steps per run")
+    parser.add_argument("--steps", type=int, default=5, help="train: timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="train: untimed steps first")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
