@@ -198,9 +198,10 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
                              "timestep/1000 for eps and v); the steps below run every block (default 0)")
 
 
-def add_device_flags(parser, precision, compile=False):
+def add_device_flags(parser, precision, compile=False, quantize=False):
     """--device and --precision; `precision` is the script's default (None: PyTorch's own settings).
-    compile=True adds --compile, the model's fast mode (models.compile_model)."""
+    compile=True adds --compile, the model's fast mode (models.compile_model); quantize=True adds
+    --quantize, the sampling scripts' int8 mode on CPU (models.quantize_model)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
                         help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
@@ -210,6 +211,11 @@ def add_device_flags(parser, precision, compile=False):
                             help="fast mode: torch.compile the model (models.compile_model; train.py: also fused "
                                  "AdamW); outputs match the default to float rounding; the first batch waits for the "
                                  "compiler")
+    if quantize:
+        parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                            help="int8: the linear layers in int8 on CPU (models.quantize_model; with --compile "
+                                 "about 1.5x the default fp32 forward of DiT-S/2 on an AVX2 CPU); outputs move by about 2%%, "
+                                 "so the samples differ slightly from fp32's (default none)")
 
 
 def image_size(text):

@@ -99,7 +99,7 @@ def score_checkpoint(args):
         args.ckpt, labels.tolist(), cfg_scale=args.cfg_scale, sampler=args.sampler,
         num_sampling_steps=args.num_sampling_steps, seed=args.seed, batch_size=args.batch_size,
         device=pick_device(args.device), guide_all_channels=args.cfg_all_channels, precision=args.precision,
-        return_sampler=True, **sampling.sampler_options(args))
+        return_sampler=True, compile=args.compile, quantize=args.quantize, **sampling.sampler_options(args))
     seconds = time.perf_counter() - start
     result = DigitScorer().score(images, labels)
     steps = sampler.steps or f"adaptive ({sampler.nfe} evaluations)"  # dopri5 picks its own steps
@@ -127,7 +127,7 @@ def main(argv=None):
     s = sub.add_parser("score", help="sample a checkpoint per class and print accuracy and Frechet distance")
     s.add_argument("--ckpt", required=True, help="any checkpoint sample.py reads")
     cli.add_sampler_flags(s, cfg_scale=4.0, num_sampling_steps=50, sampler="ddim")
-    cli.add_device_flags(s, precision="fp32")
+    cli.add_device_flags(s, precision="fp32", compile=True, quantize=True)
     s.add_argument("--per-class", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)

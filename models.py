@@ -36,6 +36,7 @@ The model runs at any height and width the patch divides, whatever input_size it
 `python benchmarks/flops.py` prints parameters and Gflops per config and block.
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -735,6 +736,23 @@ def compile_model(model, inference=False, blocks_only=False):
 
     model.forward = frozen_forward  # Module.__call__ (and so forward_with_cfg) runs it
     return model
+
+
+def quantize_model(model):
+    """The int8 mode for sampling on CPU (--quantize int8), in place: every nn.Linear becomes
+    PyTorch's dynamically quantized Linear (fbgemm): int8 weights with a scale per output
+    channel, the input quantized to int8 at each call from its own range, int32 sums. On an AVX2
+    CPU its matmuls run about 1.7x fp32's rate; DiT-S/2's output moves by about 2% (RMS,
+    relative), and the digits' accuracy and Frechet distance not measurably (README "Speed").
+    The convolution, embeddings, norms and attention stay fp32. Inference only; apply before
+    compile_model."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        # PyTorch announces a move of eager-mode quantization to torchao; the kernels are its own.
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def _config(name):

@@ -39,9 +39,9 @@ from sample import check_sampling_args, check_writable
 # Settings that change the images: a restart into the same folder must keep them.
 IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
                   "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
-                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion", "vae_tiling")
+                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion", "vae_tiling", "quantize")
 # Settings added after the first release, with the value runs made before them had.
-ADDED_SETTINGS = {"vae_tiling": False}
+ADDED_SETTINGS = {"vae_tiling": False, "quantize": "none"}
 CACHE_SETTINGS = ("cache_interval", "cache_start", "cache_above")  # checked when caching (older records lack them)
 
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--balanced-classes", action="store_true",
                         help="exactly N / num_classes samples per class (in random order) instead of uniform labels")
-    cli.add_device_flags(parser, precision="tf32", compile=True)  # TF32 matmuls on CUDA, as the original sample_ddp.py
+    cli.add_device_flags(parser, precision="tf32", compile=True, quantize=True)  # TF32 matmuls on CUDA, as the original sample_ddp.py
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                         help="the original's flag, kept as an alias: --no-tf32 = --precision fp32")
     parser.add_argument("--vae-batch-size", type=int, default=8, help="images decoded at once")
@@ -65,12 +65,14 @@ def parse_args(argv=None):
 
 
 def folder_name(args, settings):
-    """The original's naming, plus the sampler and its step count (and the block caching, if any)."""
+    """The original's naming, plus the sampler and its step count (and the block caching and the
+    int8 mode, if any)."""
     ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
     cache = (f"-cache-{args.cache_interval}-from-{args.cache_start}"
              + (f"-above-{args.cache_above:g}" if args.cache_above else "") if args.cache_interval > 1 else "")
     return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{cli.size_text(settings.image_size)}-vae-{settings.vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}")
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}"
+            + ("" if args.quantize == "none" else f"-{args.quantize}"))
 
 
 def class_labels(args, num_classes, indices, generators):
@@ -143,7 +145,7 @@ def _sample(args, rank, world_size, device):
     record = {**dataclasses.asdict(settings), "ckpt_sha256": sha256, **sampler.settings(),
               **{k: getattr(args, k) for k in (
                   "cfg_scale", "cfg_all_channels", "global_seed", "balanced_classes", "precision",
-                  "num_fid_samples", "per_proc_batch_size", "vae_tiling")}}
+                  "num_fid_samples", "per_proc_batch_size", "vae_tiling", "quantize")}}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
     check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())

@@ -34,7 +34,7 @@ from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import compile_model, config_name, model_args_for
+from models import compile_model, config_name, model_args_for, quantize_model
 
 SAMPLERS = cli.SAMPLERS
 
@@ -87,6 +87,7 @@ def released_weights(args):
 def load_model(args, device):
     """(model in eval mode on device, ModelSettings) for --ckpt (any format checkpoint.load reads)
     or the released weights. Flags that are given override what the checkpoint records."""
+    check_quantize(getattr(args, "quantize", "none"), device, getattr(args, "precision", None))
     ckpt = args.ckpt or released_weights(args)
     loaded = checkpoint.load(ckpt)
     vae = args.vae or loaded.settings.get("vae")
@@ -122,9 +123,27 @@ def load_model(args, device):
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
                              latent_size, ckpt, model_args, loaded.diffusion_args)
+    if getattr(args, "quantize", "none") == "int8":
+        quantize_model(model)
     if getattr(args, "compile", False):  # the fast mode, --compile; caching needs the blocks compiled apart
         compile_model(model, inference=True, blocks_only=getattr(args, "cache_interval", 1) > 1)
     return model.eval(), settings
+
+
+def check_quantize(quantize, device, precision):
+    """--quantize int8 needs PyTorch's CPU int8 kernels, in fp32: refused otherwise, before loading."""
+    if quantize == "none":
+        return
+    if torch.device(device).type != "cpu":
+        raise cli.UserError(f"--quantize {quantize} runs on CPU only (PyTorch's int8 kernels), not {device}; "
+                            f"drop --quantize, or add --device cpu")
+    if precision in ("bf16", "fp16"):
+        raise cli.UserError(f"--quantize {quantize} computes in fp32; drop --precision {precision}")
+    try:
+        from torch.ao import quantization  # noqa: F401  (announced to move to torchao)
+    except ImportError:
+        raise cli.UserError(f"--quantize {quantize} needs torch.ao.quantization, which PyTorch {torch.__version__} "
+                            f"does not have; drop --quantize, or use PyTorch 2.14 or older") from None
 
 
 def refuse_variant_overrides(recorded, given):
@@ -523,17 +542,19 @@ def _ddpm_seeded(diffusion, forward, x, kwargs, step_noise, n, progress):
 def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_sampling_steps=None, seed=0,
                              batch_size=256, device="cpu", guide_all_channels=False, precision="fp32",
                              vae=None, vae_path=None, vae_tiling=False, progress=False, return_sampler=False,
-                             **sampler_options):
+                             compile=False, quantize="none", **sampler_options):
     """N x H x W x C uint8 images for `labels` from a checkpoint (model settings from its stored args).
 
     sampler / num_sampling_steps None: the checkpoint objective's default (dpm-solver 25 for eps
     and v unless sampler_options' `default` says otherwise); sampler_options: make_sampler's.
-    With return_sampler, (images, the Sampler used: its name, steps and nfe).
+    compile, quantize: sample.py's --compile and --quantize. With return_sampler, (images, the Sampler used: its name, steps and nfe).
 
     Sample i draws its noise from a generator seeded with (seed, i), as sample_ddp.py does, so
     the images depend on the seed and the labels only (up to rounding for another batch size)."""
     device = torch.device(device)
-    args = argparse.Namespace(model=None, image_size=None, num_classes=None, vae=vae, vae_path=vae_path, ckpt=ckpt)
+    args = argparse.Namespace(model=None, image_size=None, num_classes=None, vae=vae, vae_path=vae_path, ckpt=ckpt,
+                              precision=precision, compile=compile, quantize=quantize,
+                              cache_interval=sampler_options.get("cache_interval", 1))
     model, settings = load_model(args, device)
     labels = cli.parse_class_labels(" ".join(str(int(y)) for y in labels), settings.num_classes)
     chosen = make_sampler(sampler, num_sampling_steps, settings.diffusion_args,

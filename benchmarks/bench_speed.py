@@ -12,10 +12,11 @@ forward: DiT-S/2 (random, non-zero weights) at batch 8 on 32x32x4 latents, forwa
 forward+backward on one thread. A process makes one kind of call, as sample.py (forward only) and
 train.py (forward+backward) do: it loads the old models.py beside the new one, builds the old
 model, the new one and the new one in the fast mode (forward: as sample.py --compile, the whole
-model compiled, weights frozen into the no-grad graph; forward+backward: as train.py --compile,
-each block compiled), all with the same weights, and calls them in turns, --calls calls of one
-model in a row (a sampler or a training loop calls one model: the first call after a switch
-finds the caches holding another model's weights), so that a drift hits all three alike. Each
+model compiled, weights frozen into the no-grad graph, and that again with --quantize int8, the
+linear layers in int8; forward+backward: as train.py --compile, each block compiled), all with the
+same weights, and calls them in turns, --calls calls of one model in a row (a sampler or a
+training loop calls one model: the first call after a switch finds the caches holding another
+model's weights), so that a drift hits all of them alike. Each
 figure is the fastest call of --iters rounds (other jobs only ever add time), then the median
 over --repeats processes; the old and new default outputs are compared bit for bit. The forward
 part ends with the matmul floor, and so does the train part: the model's multiply-adds at this
@@ -70,8 +71,8 @@ finally:
 
 # Run in a fresh interpreter: argv[1] the old code folder, argv[2] the new one, argv[3] the kind
 # of call (forward or forward_backward). Builds the old model, the new one and the new one in the
-# fast mode with the same weights, then times them in turns (the order rotating each round), so
-# that a drift in the machine's speed hits all three alike. A process makes one kind of call, as
+# fast mode (forward: also in the int8 mode) with the same weights, then times them in turns (the
+# order rotating each round), so that a drift in the machine's speed hits all of them alike. A process makes one kind of call, as
 # sample.py (forward only) or train.py does: a backward's large allocations would otherwise leave
 # malloc's heap grown, sparing the forward the page faults it meets in a sampling process.
 FORWARD_CHILD = r"""
@@ -92,6 +93,8 @@ with torch.no_grad():  # the release's zero-initialised output layers would make
         p.normal_(0, 0.02)
 variants = {"old": old_models.create_model(model_name, input_size=32).eval(), "new": new,
             "new compiled": models.create_model(model_name, input_size=32).eval()}
+if kind == "forward":  # sampling only: as sample.py --quantize int8 --compile
+    variants["new int8 compiled"] = models.create_model(model_name, input_size=32).eval()
 for model in variants.values():
     model.load_state_dict(new.state_dict())
 x, t, y = torch.randn(batch, 4, 32, 32), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
@@ -108,6 +111,8 @@ outs = {name: call(model) for name, model in variants.items()}
 start = time.perf_counter()
 if kind == "forward":
     models.compile_model(variants["new compiled"], inference=True)  # as sample.py --compile: frozen no-grad graph
+    models.compile_model(models.quantize_model(variants["new int8 compiled"]), inference=True)
+    outs["new int8 compiled"] = call(variants["new int8 compiled"])
 else:
     models.compile_model(variants["new compiled"], blocks_only=True)  # as train.py --compile
 outs["new compiled"] = call(variants["new compiled"])
@@ -115,7 +120,7 @@ first = time.perf_counter() - start
 times = {name: [] for name in variants}
 for r in range(rounds):
     names = list(variants)
-    for name in names[r % 3:] + names[:r % 3]:
+    for name in names[r % len(names):] + names[:r % len(names)]:
         for _ in range(calls):
             s, c = time.perf_counter(), time.process_time()
             call(variants[name])
@@ -123,7 +128,9 @@ for r in range(rounds):
 sha = {name: hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16] for name, out in outs.items()}
 print(json.dumps({"times": times, "first_call": first, "same": sha["old"] == sha["new"],
                   "compiled_diff": (outs["new compiled"] - outs["new"]).abs().max().item(),
-                  "scale": outs["new"].abs().max().item()}))
+                  "scale": outs["new"].abs().max().item(),
+                  "int8_rms": ((outs["new int8 compiled"] - outs["new"]).square().mean().sqrt()
+                               / outs["new"].square().mean().sqrt()).item() if kind == "forward" else None}))
 """
 
 # Run in a fresh interpreter (argv: the code folder, model, batch, calls): the eager forward's
@@ -258,6 +265,9 @@ def bench_forward(args, old, new):
         what = "output" if kind == "forward" else "loss"
         print(f"new default {what} bit-identical to the old one: {all(run['same'] for run in runs)}; compiled vs "
               f"default: max |difference| {runs[0]['compiled_diff']:.2e} (values up to {runs[0]['scale']:.2f})")
+        if kind == "forward":
+            print(f"new int8 compiled (as sample.py --quantize int8 --compile) vs default: RMS difference "
+                  f"{runs[0]['int8_rms']:.1%} of the output's RMS")
         if kind == "forward":
             old_forward = statistics.median(min(t[1] for t in run["times"]["old"]) for run in runs)
             print_floor(f"the forward of {args.batch_size} images", *matmul_floor(args.model, args.batch_size),
