@@ -11,6 +11,8 @@ per-step noise are drawn in the original's order. A train.py checkpoint supplies
 --image-size N or HxW (height x width) samples at another size than the checkpoint's: as it is
 for models without a position table (--pos rope or none); a sine-cosine model gets its table
 recomputed for the new grid, with a warning. --vae-tiling decodes large images in tiles.
+--compile (torch.compile) and, on CPU, --quantize int8 (the linear layers in int8, samples
+slightly different from fp32's) are the fast modes (README "Speed").
 
 From Python, main([...flags]) returns the images as an N x H x W x C uint8 array.
 """

@@ -547,7 +547,8 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_samp
 
     sampler / num_sampling_steps None: the checkpoint objective's default (dpm-solver 25 for eps
     and v unless sampler_options' `default` says otherwise); sampler_options: make_sampler's.
-    compile, quantize: sample.py's --compile and --quantize. With return_sampler, (images, the Sampler used: its name, steps and nfe).
+    compile, quantize: sample.py's --compile and --quantize.
+    With return_sampler, (images, the Sampler used: its name, steps and nfe).
 
     Sample i draws its noise from a generator seeded with (seed, i), as sample_ddp.py does, so
     the images depend on the seed and the labels only (up to rounding for another batch size)."""

@@ -168,9 +168,10 @@ def test_sampling_scripts_take_quantize(tmp_path, monkeypatch):
                 context_tokens=None, quantize="int8")
     int8, _ = sampling.load_model(argparse.Namespace(**base), torch.device("cpu"))
     fast, _ = sampling.load_model(argparse.Namespace(**base, compile=True), torch.device("cpu"))
-    for model in (int8, fast):
+    cached, _ = sampling.load_model(argparse.Namespace(**base, compile=True, cache_interval=2), torch.device("cpu"))
+    for model in (int8, fast, cached):
         assert isinstance(model.blocks[0].attn.qkv, torch.ao.nn.quantized.dynamic.Linear)
-    assert "frozen" in fast.forward.__name__
+    assert "frozen" in fast.forward.__name__ and cached.blocks[0]._compiled_call_impl is not None
     import sample
     import sample_ddp
 
@@ -198,6 +199,8 @@ def test_sample_ddp_keeps_int8_samples_apart(pixel_ckpt, tmp_path):
             "--num-sampling-steps", "3", "--sample-dir", str(tmp_path)]
     plain, int8 = sample_ddp.main(argv), sample_ddp.main(argv + ["--quantize", "int8"])
     assert int8 == plain[:-len(".npz")] + "-int8.npz"
+    cached = sample_ddp.main(argv + ["--quantize", "int8", "--cache-interval", "2"])  # int8 blocks reused
+    assert cached == plain[:-len(".npz")] + "-cache-2-from-0-int8.npz"
     for path, quantize in ((plain, "none"), (int8, "int8")):
         with open(path[:-len(".npz")] + ".json") as f:
             assert json.load(f)["quantize"] == quantize
