@@ -214,8 +214,8 @@ def add_device_flags(parser, precision, compile=False, quantize=False):
     if quantize:
         parser.add_argument("--quantize", choices=("none", "int8"), default="none",
                             help="int8: the linear layers in int8 on CPU (models.quantize_model; with --compile "
-                                 "about 1.5x the default fp32 forward of DiT-S/2 on an AVX2 CPU); outputs move by about 2%%, "
-                                 "so the samples differ slightly from fp32's (default none)")
+                                 "about 1.5x the default fp32 forward of DiT-S/2 on an AVX2 CPU); outputs move by "
+                                 "about 2%%, so the samples differ slightly from fp32's (default none)")
 
 
 def image_size(text):

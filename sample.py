@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--class-labels", nargs="+", default=None,
                         help=f"labels as separate arguments, or separated by spaces or commas (default: "
                              f"{ORIGINAL_CLASS_LABELS} for 1000 classes, else each class once, at most 16)")
-    cli.add_device_flags(parser, precision=None, compile=True, quantize=True)  # --device, and --precision: PyTorch's own settings by default
+    # --device, --precision (PyTorch's own settings by default), --compile, --quantize
+    cli.add_device_flags(parser, precision=None, compile=True, quantize=True)
     parser.add_argument("--output", default="sample.png", help="the grid of all samples")
     parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
     parser.add_argument("--save-individual", action="store_true",

@@ -87,7 +87,8 @@ def released_weights(args):
 def load_model(args, device):
     """(model in eval mode on device, ModelSettings) for --ckpt (any format checkpoint.load reads)
     or the released weights. Flags that are given override what the checkpoint records."""
-    check_quantize(getattr(args, "quantize", "none"), device, getattr(args, "precision", None))
+    quantize = getattr(args, "quantize", "none")
+    check_quantize(quantize, device, getattr(args, "precision", None))
     ckpt = args.ckpt or released_weights(args)
     loaded = checkpoint.load(ckpt)
     vae = args.vae or loaded.settings.get("vae")
@@ -123,7 +124,7 @@ def load_model(args, device):
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
                              latent_size, ckpt, model_args, loaded.diffusion_args)
-    if getattr(args, "quantize", "none") == "int8":
+    if quantize == "int8":
         quantize_model(model)
     if getattr(args, "compile", False):  # the fast mode, --compile; caching needs the blocks compiled apart
         compile_model(model, inference=True, blocks_only=getattr(args, "cache_interval", 1) > 1)

@@ -208,7 +208,8 @@ def test_sample_ddp_keeps_int8_samples_apart(pixel_ckpt, tmp_path):
     assert images[0].shape == images[1].shape and np.abs(images[0] - images[1]).mean() < 0.05 * 255
 
 
-@pytest.mark.parametrize("device, precision, message", [("cuda", None, "CPU only"), ("cpu", "bf16", "drop --precision bf16"),
+@pytest.mark.parametrize("device, precision, message", [("cuda", None, "CPU only"),
+                                                        ("cpu", "bf16", "drop --precision bf16"),
                                                         ("cpu", "fp16", "drop --precision fp16")])
 def test_int8_mode_refuses_what_it_cannot_run(device, precision, message):
     with pytest.raises(cli.UserError, match=message):
