@@ -728,6 +728,21 @@ def main(argv=None):
         distributed.cleanup()
 
 
+# DDP's bucket size over gloo (CPU), against its 25 MB default: smaller buckets start the all-reduce
+# sooner in the backward and leave less of it after (DiT-S/2, 2 processes: 1.06-1.09x the steps/s).
+GLOO_BUCKET_MB = 5
+
+
+def wrap_ddp(run, model):
+    """The model under DDP when there are several ranks. Gradients are views of DDP's buckets (no copy
+    of every gradient into them each step); over gloo the buckets hold GLOO_BUCKET_MB."""
+    if run.world_size == 1:
+        return model
+    if run.device.type == "cuda":
+        return DDP(model, device_ids=[run.device.index], gradient_as_bucket_view=True)
+    return DDP(model, gradient_as_bucket_view=True, bucket_cap_mb=GLOO_BUCKET_MB)
+
+
 def train(run):
     args = run.args
     distributed.share_cpu_threads(run.device, args.cpu_threads)
@@ -746,9 +761,7 @@ def train(run):
     open_experiment(run, resume, state)
     if args.compile:  # before DDP wraps it: DDP's gradient hooks stay outside the compiled graphs
         compile_model(state.model, blocks_only=True)  # as fast as the whole model here, compiled in a fraction
-    # Gradients as views of DDP's buckets: no copy of every gradient into them each step.
-    state.trained = DDP(state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                        gradient_as_bucket_view=True) if run.world_size > 1 else state.model
+    state.trained = wrap_ddp(run, state.model)
     state.trained.train()
     if run.rank == 0:
         log_start(run, state, dataset, steps_per_epoch, resume)

@@ -1,7 +1,8 @@
 """The fast paths give the default path's results: the compiled model (--compile; whole, frozen for
 sampling, or block by block for block caching) and fused AdamW within float32 rounding, foreach
 AdamW bit for bit, the int8 mode (--quantize int8) within its stated tolerance; sample.py's malloc
-setting stops the page faults of large tensors; and benchmarks/bench_gpu.py's tiny CPU mode runs.
+setting stops the page faults of large tensors; DDP over gloo takes small buckets and gives the
+same gradients; and benchmarks/bench_gpu.py's tiny CPU mode runs.
 
 Tolerance of the compiled model: the compiler fuses and reorders float32 arithmetic (e.g. the
 LayerNorm), and the fast mode writes the GELU through exp instead of tanh, so outputs and
@@ -265,6 +266,31 @@ def test_adamw_kernels_match_the_default_loop():
     for name in loop:
         assert torch.equal(loop[name], foreach[name]), name
         close(fused[name], loop[name])
+
+
+def test_ddp_over_gloo_uses_small_buckets_and_the_same_gradients(tmp_path):
+    """train.wrap_ddp: GLOO_BUCKET_MB buckets on CPU (a one-rank gloo group stands in for the ranks), and
+    the gradients, views of those buckets, equal the plain model's bit for bit."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(4)))  # 16 MB of gradients: several buckets
+    model = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(4)))
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 1024)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = train.wrap_ddp(SimpleNamespace(world_size=2, device=torch.device("cpu")), model)
+        assert ddp.bucket_bytes_cap == train.GLOO_BUCKET_MB * 1024 * 1024
+        ddp(x).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    plain(x).square().mean().backward()
+    for p, q in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    one_rank = SimpleNamespace(world_size=1, device=torch.device("cpu"))
+    assert train.wrap_ddp(one_rank, plain) is plain
 
 
 @pytest.mark.slow
