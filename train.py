@@ -729,7 +729,7 @@ def main(argv=None):
 
 
 # DDP's bucket size over gloo (CPU), against its 25 MB default: smaller buckets start the all-reduce
-# sooner in the backward and leave less of it after (DiT-S/2, 2 processes: 1.06-1.09x the steps/s).
+# sooner in the backward and leave less of it after (DiT-S/2, 2 processes: 1.04-1.10x the steps/s).
 GLOO_BUCKET_MB = 5
 
 
