@@ -268,7 +268,6 @@ def bench_forward(args, old, new):
         if kind == "forward":
             print(f"new int8 compiled (as sample.py --quantize int8 --compile) vs default: RMS difference "
                   f"{runs[0]['int8_rms']:.1%} of the output's RMS")
-        if kind == "forward":
             old_forward = statistics.median(min(t[1] for t in run["times"]["old"]) for run in runs)
             print_floor(f"the forward of {args.batch_size} images", *matmul_floor(args.model, args.batch_size),
                         old_forward)
