@@ -26,7 +26,6 @@ different function; `use_original_timestep_frequencies(pipeline.transformer)` ma
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -39,7 +38,8 @@ import torch
 import files
 import vae as vae_lib
 from cli import UserError
-from models import MODEL_SIZES, DiT, config_name, load_weights, model_args_for, sincos_pos_embed_2d
+from models import (BLOCKS, MODEL_SIZES, DiT, DiTConfig, complete_model_args, config_name, differences, flag_name,
+                    input_hw, model_args_for, sincos_pos_embed_2d, variant_fields)
 
 FORMAT = 2
 # create_diffusion's settings for everything trained before objectives were stored.
@@ -104,15 +104,6 @@ def _upgrade(ckpt, path):
     return ckpt
 
 
-def complete_model_args(model_args):
-    """model_args with DiT's defaults filled in: older checkpoints lack arguments added since
-    (and format 1 records only what differs), and an export means the same network if a default
-    ever changes."""
-    defaults = {name: p.default for name, p in inspect.signature(DiT.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return {**defaults, **model_args}
-
-
 def build_model(model_args, state_dict=None, what="checkpoint"):
     """DiT(**model_args), with the weights loaded when given (one line on a mismatch)."""
     try:
@@ -156,26 +147,84 @@ def _looks_like_hub_id(source):
 
 
 def model_args_from_state_dict(state_dict):
-    """DiT arguments read off a bare state_dict's shapes (None when it is not a DiT's). The head
-    count leaves no trace in the shapes: it is taken from the named config of that size."""
+    """Complete DiT arguments for a bare state_dict, None when its tensors leave some unknown (not a
+    DiT's; a width and depth of no named config, whose head count leaves no trace; no square
+    position table to tell the input size)."""
+    found = config_of_state_dict(state_dict)
+    if found is None or "num_heads" not in found or "input_size" not in found:
+        return None
+    return complete_model_args(found)
+
+
+def config_of_state_dict(state_dict):
+    """The DiTConfig fields a state_dict's names and shapes show (None when it is not a DiT's): the
+    one recogniser of bare weights. The block is the BLOCKS entry whose found_in() matches; the head
+    count comes from the named config of that depth and width; input_size from a square pos_embed."""
     try:
-        patch_weight = state_dict["x_embedder.proj.weight"]
-        hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
+        hidden, in_channels, patch = state_dict["x_embedder.proj.weight"].shape[:3]
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
-        if grid * grid != state_dict["pos_embed"].shape[1]:
-            return None  # a non-square grid: its height and width leave no trace in a bare state_dict
+        classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
         out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
-        table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
-        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, IndexError, AttributeError):
+    except (KeyError, ValueError, AttributeError, IndexError, TypeError):
         return None
+    found = dict(patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth, num_classes=classes,
+                 learn_sigma=out_channels == 2 * in_channels,
+                 qk_norm=any(".q_norm." in k for k in state_dict), **_block_parts(state_dict, hidden))
     heads = next((h for d, w, h in MODEL_SIZES.values() if (d, w) == (depth, hidden)), None)
-    if heads is None:
-        return None
-    return dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-                num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=table_rows - 1,
-                learn_sigma=out_channels == 2 * in_channels)
+    if heads is not None:
+        found["num_heads"] = heads
+    if "pos_embed" in state_dict:
+        found["pos"] = "sincos"
+        grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
+        if grid * grid == state_dict["pos_embed"].shape[1]:
+            found["input_size"] = grid * patch
+    return found
+
+
+def _block_parts(state_dict, hidden):
+    """block, mlp (and the GELU MLP's ratio), mm-dit's context_tokens, as far as the tensors show them."""
+    found = {}
+    block = next((name for name, kind in BLOCKS.items() if kind.found_in(state_dict, hidden)), None)
+    if block is not None:
+        found["block"] = block
+    fc1 = next((k for k in state_dict if k.endswith(".mlp.fc1.weight")), None)
+    if any(".mlp.fc1_g." in k for k in state_dict):
+        found["mlp"] = "swiglu"
+    elif fc1 is not None:
+        found.update(mlp="gelu", mlp_ratio=state_dict[fc1].shape[0] / hidden)
+    if "class_tokens.embedding_table.weight" in state_dict:
+        found["context_tokens"] = state_dict["class_tokens.embedding_table.weight"].shape[1] // hidden
+    return found
+
+
+def describe_state_dict(state_dict):
+    """A short description of the DiT a state_dict belongs to, for error messages: its config name,
+    input and classes, and the fields its tensors show that differ from the release."""
+    found = config_of_state_dict(state_dict)
+    if found is None:
+        return "not a DiT state_dict"
+    depth, hidden, patch = found["depth"], found["hidden_size"], found["patch_size"]
+    name = config_name(found) if "num_heads" in found else f"DiT-depth{depth}-hidden{hidden}/{patch}"
+    size = "x".join(map(str, input_hw(found["input_size"]))) if "input_size" in found else "any size"
+    release = DiTConfig()
+    rest = [f"{k} {v}" for k, v in found.items() if k in {f.name for f in variant_fields()} and v != getattr(release, k)]
+    if "pos" not in found:
+        rest.append("no pos_embed (pos rope or none)")
+    return ", ".join([f"{name}, input {size}x{found['in_channels']}, {found['num_classes']} classes", *rest])
+
+
+def load_weights(model, state_dict, what="checkpoint"):
+    """load_state_dict(strict=True) with a one-line error naming both models and how they differ."""
+    own = model.state_dict()
+    if set(own) != set(state_dict) or any(own[k].shape != state_dict[k].shape for k in own):
+        found = config_of_state_dict(state_dict) or {}
+        differing = differences(found, model.model_args)
+        flags = " / ".join(["--model", "--image-size", "--num-classes"] + [flag_name(f.name) for f in variant_fields()])
+        raise UserError(f"{what} holds {describe_state_dict(state_dict)}, but the model built is "
+                        f"{model.config.describe()}" + (f" (differing: {differing})" if differing else "")
+                        + f"; pass the matching {flags}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
 
 
 # ------------------------------------------------------------------ safetensors

@@ -9,12 +9,10 @@ import sys
 
 import torch
 
+import models
+from errors import UserError  # noqa: F401  (re-exported: cli.UserError is how scripts name it)
+
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-
-
-class UserError(ValueError):
-    """A problem with the user's input or environment, reported as one line by run().
-    A ValueError, so library callers that catch ValueError keep working."""
 
 
 # Environment errors whose message already says what is wrong; anything else is a bug to debug.
@@ -112,8 +110,6 @@ SAMPLERS = ("ddpm", "ddim", "dpm-solver", "euler", "heun", "dopri5", "sde")
 def add_model_flags(parser, training):
     """The model's flags. Training gets the paper's defaults; sampling defaults them to None,
     meaning "what the checkpoint records" (else the released DiT-XL/2's settings)."""
-    import models  # lazily: models imports this module
-
     from_ckpt = "" if training else " (default: the checkpoint's)"
     parser.add_argument("--model", choices=list(models.DiT_models), default="DiT-XL/2" if training else None,
                         help="DiT config" + (from_ckpt or " (default DiT-XL/2)"))
@@ -129,35 +125,19 @@ def add_model_flags(parser, training):
     if training:
         parser.add_argument("--in-channels", type=int, choices=[1, 3], default=3,
                             help="pixel space only: 3 = RGB, 1 = greyscale")
-    for flag, spec in MODEL_VARIANT_FLAGS.items():
-        default = spec.get("default") if training else None
-        parser.add_argument(flag, **{**spec, "default": default,
-                                     "help": spec["help"] + (from_ckpt or f" (default {default})")})
-
-
-# Model variants: each flag sets the DiT constructor argument of the same name (--block -> block).
-# Training defaults to the released model's value; sampling to None, which keeps the checkpoint's.
-MODEL_VARIANT_FLAGS = {
-    "--block": dict(choices=["adaLN-Zero", "adaLN", "cross-attention", "in-context", "mm-dit"], default="adaLN-Zero",
-                    help="how the blocks take the timestep and class (models.py): adaLN-Zero (the paper's), adaLN, "
-                         "cross-attention, in-context, mm-dit (Stable Diffusion 3's joint attention)"),
-    "--context-tokens": dict(type=int, default=4,
-                             help="--block mm-dit: length of the learned condition token sequence per class"),
-    "--pos": dict(choices=["sincos", "rope", "none"], default="sincos",
-                  help="positions: sincos (the paper's fixed table), rope (axial 2D rotary on queries and keys: "
-                       "trains at one size, samples at others), none"),
-    "--rope-base": dict(type=float, default=10000.0, help="--pos rope: base of the rotary frequencies"),
-    "--qk-norm": dict(action=argparse.BooleanOptionalAction, default=False,
-                      help="normalise each head's queries and keys (by --norm's kind)"),
-    "--mlp": dict(choices=["gelu", "swiglu"], default="gelu",
-                  help="gelu (the paper's) or swiglu (2/3 of the width: about the same parameters)"),
-    "--norm": dict(choices=["layernorm", "rmsnorm"], default="layernorm", help="layernorm (the paper's) or rmsnorm"),
-}
+    for field in models.variant_fields():  # --block, --pos, ...: one per variant field of models.DiTConfig
+        default = field.default if training else None
+        spec = field.metadata["flag"]
+        kind = {"action": argparse.BooleanOptionalAction} if field.type is bool else {"type": field.type}
+        if spec["choices"]:
+            kind["choices"] = spec["choices"]
+        parser.add_argument(models.flag_name(field.name), default=default, **kind,
+                            help=spec["help"] + (from_ckpt or f" (default {default})"))
 
 
 def model_variant_args(args):
-    """The constructor arguments the variant flags give (those left at None are not given)."""
-    names = (flag.lstrip("-").replace("-", "_") for flag in MODEL_VARIANT_FLAGS)
+    """The DiT arguments the variant flags give (those left at None are not given)."""
+    names = (field.name for field in models.variant_fields())
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -200,20 +180,20 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
 
 def add_device_flags(parser, precision, compile=False, quantize=False):
     """--device and --precision; `precision` is the script's default (None: PyTorch's own settings).
-    compile=True adds --compile, the model's fast mode (models.compile_model); quantize=True adds
-    --quantize, the sampling scripts' int8 mode on CPU (models.quantize_model)."""
+    compile=True adds --compile, the model's fast mode (fast.compile_model); quantize=True adds
+    --quantize, the sampling scripts' int8 mode on CPU (fast.quantize_model)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
                         help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
                              + (precision or "PyTorch's own settings, as the original sample.py"))
     if compile:
         parser.add_argument("--compile", action="store_true",
-                            help="fast mode: torch.compile the model (models.compile_model; train.py: also fused "
+                            help="fast mode: torch.compile the model (fast.compile_model; train.py: also fused "
                                  "AdamW); outputs match the default to float rounding; the first batch waits for the "
                                  "compiler")
     if quantize:
         parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                            help="int8: the linear layers in int8 on CPU (models.quantize_model; with --compile "
+                            help="int8: the linear layers in int8 on CPU (fast.quantize_model; with --compile "
                                  "about 1.5x the default fp32 forward of DiT-S/2 on an AVX2 CPU); outputs move by "
                                  "about 2%%, so the samples differ slightly from fp32's (default none)")
 

@@ -5,8 +5,13 @@ timestep embedding and a class-label embedding. Parameter names and shapes match
 released checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt), so they load with
 strict=True.
 
-`DiT(block=...)` picks how the blocks take the condition (the paper's Section 3.2 ablation,
-plus Stable Diffusion 3's joint-attention block); everything else is shared:
+`DiTConfig` declares every constructor argument once, with its default, its choices and its
+checks: `DiT(**model_args)` builds from it, checkpoints record it, the scripts' variant flags
+(cli.add_model_flags) and the "the two models differ" messages derive from it.
+
+`block=` picks how the blocks take the condition (the paper's Section 3.2 ablation, plus Stable
+Diffusion 3's joint-attention block). Each is one class in BLOCKS, owning its layers, what they
+take besides the image tokens, and its output layer; everything else is shared:
 
     adaLN-Zero       the released block: LayerNorm scale/shift and residual gates regressed from
                      t + c, the regression zero-initialised so every block starts as the identity
@@ -32,11 +37,12 @@ and composing with every block above:
     norm=rmsnorm     timm's RmsNorm in place of every LayerNorm (without scale in the modulated ones)
 
 The model runs at any height and width the patch divides, whatever input_size it was built for.
-
-`python benchmarks/flops.py` prints parameters and Gflops per config and block.
+`embed`, `run_blocks` and `head` are the forward pass in three public steps, for samplers that
+reuse block outputs (sampling.BlockCache). Compilation and int8 live in fast.py; reading
+checkpoints (and recognising a bare state_dict's config) in checkpoint.py.
 """
+import dataclasses
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -45,7 +51,7 @@ from timm.layers import RmsNorm, SwiGLU
 from timm.layers.pos_embed_sincos import apply_rot_embed, build_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
-from cli import UserError
+from errors import UserError
 
 
 def modulate(x, shift, scale):
@@ -120,11 +126,27 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(self.drop_labels(labels, train, force_drop_ids))
 
 
-def make_norm(kind, dim, affine=True):
-    """A LayerNorm or timm's RmsNorm over the last dim (eps 1e-6, as all of DiT's norms)."""
-    if kind == "rmsnorm":
-        return RmsNorm(dim, eps=1e-6, affine=affine)
+# ------------------------------------------------------------------ the parts the blocks are made of
+def layer_norm(dim, affine=True):
     return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+
+
+def rms_norm(dim, affine=True):
+    return RmsNorm(dim, eps=1e-6, affine=affine)
+
+
+NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}  # the `norm` choices; eps 1e-6 as all of DiT's norms
+
+
+def make_norm(kind, dim, affine=True):
+    """A norm of `kind` over the last dim."""
+    return NORMS[kind](dim, affine)
+
+
+def modulated_norm(kind, dim):
+    """The norm under an adaLN modulation: no scale or shift of its own (the modulation gives them),
+    as the release's; parameter-free, so it leaves no trace in the state_dict."""
+    return make_norm(kind, dim, affine=False)
 
 
 def qk_norms(qk_norm, norm, head_dim):
@@ -193,7 +215,7 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1, tanh-GELU, fc2. sigmoid_gelu (set by compile_model) writes the GELU as the same function
+    """fc1, tanh-GELU, fc2. sigmoid_gelu (set by fast.compile_model) writes the GELU as the same function
     x * sigmoid(2u) in place of 0.5 * x * (1 + tanh(u)): the compiled CPU kernel's exp is about 2.7x
     faster than its tanh, and the results agree to float32 rounding."""
     sigmoid_gelu = False
@@ -210,13 +232,13 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(x, approximate="tanh"))
 
 
+# The `mlp` choices: the release's GELU MLP, or timm's SwiGLU with 2/3 of the hidden width (three
+# matrices instead of two, so about the same parameters and flops).
+MLPS = {"gelu": Mlp, "swiglu": lambda dim, hidden: SwiGLU(dim, round(2 * hidden / 3))}
+
+
 def make_mlp(kind, dim, mlp_ratio):
-    """The release's GELU MLP, or timm's SwiGLU with 2/3 of the hidden width: three matrices instead of two,
-    so about the same parameters (and flops)."""
-    hidden = int(dim * mlp_ratio)
-    if kind == "swiglu":
-        return SwiGLU(dim, round(2 * hidden / 3))
-    return Mlp(dim, hidden)
+    return MLPS[kind](dim, int(dim * mlp_ratio))
 
 
 class DiTBlock(nn.Module):
@@ -225,26 +247,21 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True, qk_norm=False, mlp="gelu",
                  norm="layernorm"):
         super().__init__()
-        self.hidden_size = hidden_size
         self.gated = gated
         self.attn = Attention(hidden_size, num_heads, qk_norm, norm)
         self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
         outputs = 6 if gated else 4
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, outputs * hidden_size, bias=True))
-        self.rms_norm = RmsNorm(hidden_size, eps=1e-6, affine=False) if norm == "rmsnorm" else None
-
-    def norm(self, x):
-        """The modulated norm: no scale or shift of its own (the modulation gives them), as the release's."""
-        return F.layer_norm(x, (self.hidden_size,), eps=1e-6) if self.rms_norm is None else self.rms_norm(x)
+        self.norm1, self.norm2 = modulated_norm(norm, hidden_size), modulated_norm(norm, hidden_size)
 
     def forward(self, x, c, rope=None):
         if not self.gated:
             shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            x = x + self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope)
-            return x + self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+            return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -279,7 +296,6 @@ class JointStream(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, update=True, qk_norm=False, mlp="gelu",
                  norm="layernorm"):
         super().__init__()
-        self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.update = update
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if update else 2) * hidden_size))
@@ -288,10 +304,7 @@ class JointStream(nn.Module):
             self.proj = nn.Linear(hidden_size, hidden_size)
             self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
         self.q_norm, self.k_norm = qk_norms(qk_norm, norm, hidden_size // num_heads)  # each stream its own, as SD3
-        self.rms_norm = RmsNorm(hidden_size, eps=1e-6, affine=False) if norm == "rmsnorm" else None
-
-    def norm(self, x):
-        return F.layer_norm(x, (self.hidden_size,), eps=1e-6) if self.rms_norm is None else self.rms_norm(x)
+        self.norm = modulated_norm(norm, hidden_size)
 
     def qkv_of(self, x, c, rope=None):
         """(queries, keys, values, each (N, heads, T, head_dim), the modulation) of the tokens x; rope rotates
@@ -342,116 +355,371 @@ class ClassTokens(nn.Module):
         self.length = length
         self.embedding_table = nn.Embedding(num_classes + has_null_row, length * hidden_size)
 
+    def init_weights(self):
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
     def forward(self, labels):
         return self.embedding_table(labels).view(len(labels), self.length, -1)
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear to patch*patch*out_channels values per token.
-    adaptive=False: the standard ViT output layer, a LayerNorm with its own scale and shift."""
+    """adaLN (shift, scale from c) then a linear to patch*patch*out_channels values per token."""
 
-    def __init__(self, hidden_size, patch_size, out_channels, adaptive=True, norm="layernorm"):
+    def __init__(self, hidden_size, patch_size, out_channels, norm="layernorm"):
         super().__init__()
-        self.hidden_size = hidden_size
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        if adaptive:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-            self.rms_norm = RmsNorm(hidden_size, eps=1e-6, affine=False) if norm == "rmsnorm" else None
-        else:
-            self.norm = make_norm(norm, hidden_size)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.norm_final = modulated_norm(norm, hidden_size)
 
     def forward(self, x, c):
-        if not hasattr(self, "adaLN_modulation"):
-            return self.linear(self.norm(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        normed = F.layer_norm(x, (self.hidden_size,), eps=1e-6) if self.rms_norm is None else self.rms_norm(x)
-        return self.linear(modulate(normed, shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context", "mm-dit")
-ZERO_INIT_BLOCKS = ("adaLN-Zero", "mm-dit")  # modulation regressed to zero at init: each block the identity
-ADAPTIVE_BLOCKS = ("adaLN-Zero", "adaLN", "mm-dit")  # the output layer's norm is adaptive too
+class PlainFinalLayer(nn.Module):
+    """The standard ViT output layer: a norm with its own scale and shift, then the linear; c unused."""
+
+    def __init__(self, hidden_size, patch_size, out_channels, norm="layernorm"):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.norm = make_norm(norm, hidden_size)
+
+    def forward(self, x, c):
+        return self.linear(self.norm(x))
 
 
+# ------------------------------------------------------------------ conditioning blocks
+class Conditioning:
+    """How the blocks take the timestep, the class and the context: one subclass per `block`
+    choice (BLOCKS), made once per DiT from its config. It makes the layers and the output layer,
+    turns the embeddings into what every layer takes besides the image tokens (`cond`), and runs a
+    layer. The defaults are the adaLN family's: c = t + y modulates every layer, no extra tokens.
+    zero_init: the modulation regressions start at zero (each layer the identity at first);
+    final_layer: the output layer's class (adaLN-modulated, or a plain norm and linear)."""
+    zero_init = False
+    final_layer = FinalLayer
+
+    def __init__(self, config):
+        self.config = config
+
+    def layer_options(self):
+        c = self.config
+        return dict(qk_norm=c.qk_norm, mlp=c.mlp, norm=c.norm)
+
+    def make_final_layer(self, out_channels):
+        c = self.config
+        return self.final_layer(c.hidden_size, c.patch_size, out_channels, c.norm)
+
+    def extra_modules(self):
+        """Modules of the DiT beyond the shared ones, by attribute name (registered after them)."""
+        return {}
+
+    def begin(self, model, tokens, t_emb, y_emb, labels, context):
+        """(tokens, cond): the tokens the first layer takes, and what every layer takes besides them."""
+        refuse_context(context, self.config.block)
+        return tokens, t_emb + y_emb
+
+    def run_layer(self, layer, tokens, cond, rope):
+        """(tokens, cond) after one layer."""
+        return layer(tokens, cond, rope=rope), cond
+
+    def end(self, tokens, image_tokens):
+        """The image tokens after the last layer."""
+        return tokens
+
+    @staticmethod
+    def found_in(state_dict, hidden_size):
+        """Whether a state_dict's names and shapes show this block (checkpoint.config_of_state_dict)."""
+        raise NotImplementedError
+
+
+def refuse_context(context, block):
+    if context is not None:
+        raise ValueError(f"context= is for block='mm-dit'; this DiT has block={block!r}")
+
+
+def modulation_width(state_dict):
+    weight = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    return None if weight is None else weight.shape[0]
+
+
+class AdaLNZero(Conditioning):
+    """The release's: scale, shift and residual gates regressed from t + y, starting at zero."""
+    zero_init = True
+
+    def make_layer(self, last):
+        c = self.config
+        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, gated=True, **self.layer_options())
+
+    @staticmethod
+    def found_in(state_dict, hidden_size):
+        return modulation_width(state_dict) == 6 * hidden_size
+
+
+class AdaLN(Conditioning):
+    """Scale and shift only (no gates), the modulation ordinarily initialised."""
+
+    def make_layer(self, last):
+        c = self.config
+        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, gated=False, **self.layer_options())
+
+    @staticmethod
+    def found_in(state_dict, hidden_size):
+        return modulation_width(state_dict) == 4 * hidden_size
+
+
+class CrossAttentionConditioning(Conditioning):
+    """Plain ViT layers that cross-attend to the sequence (t, y) of length two; a plain output layer."""
+    final_layer = PlainFinalLayer
+
+    def make_layer(self, last):
+        c = self.config
+        return ViTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, cross_attention=True, **self.layer_options())
+
+    def begin(self, model, tokens, t_emb, y_emb, labels, context):
+        refuse_context(context, self.config.block)
+        return tokens, torch.stack([t_emb, y_emb], dim=1)
+
+    @staticmethod
+    def found_in(state_dict, hidden_size):
+        return "blocks.0.cross_attn.q.weight" in state_dict
+
+
+class InContext(Conditioning):
+    """Plain ViT layers; t and y are two more tokens, dropped again after the last layer; a plain output layer."""
+    final_layer = PlainFinalLayer
+
+    def make_layer(self, last):
+        c = self.config
+        return ViTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, cross_attention=False, **self.layer_options())
+
+    def begin(self, model, tokens, t_emb, y_emb, labels, context):
+        refuse_context(context, self.config.block)
+        return torch.cat([tokens, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1), None
+
+    def run_layer(self, layer, tokens, cond, rope):
+        return layer(tokens, rope=rope), cond
+
+    def end(self, tokens, image_tokens):
+        return tokens[:, :image_tokens]
+
+    @staticmethod
+    def found_in(state_dict, hidden_size):
+        return "blocks.0.norm1.weight" in state_dict and "blocks.0.cross_attn.q.weight" not in state_dict
+
+
+class MMDiT(Conditioning):
+    """SD3's joint attention: a condition stream (per-class learned tokens, or a given context)
+    with its own weights; both streams modulated adaLN-Zero style from t + y."""
+    zero_init = True
+
+    def make_layer(self, last):
+        c = self.config
+        return MMDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, last=last, **self.layer_options())
+
+    def extra_modules(self):
+        c = self.config
+        return {"class_tokens": ClassTokens(c.num_classes, c.hidden_size, c.context_tokens, c.class_dropout_prob > 0)}
+
+    def begin(self, model, tokens, t_emb, y_emb, labels, context):
+        c = t_emb + y_emb
+        if context is None:
+            return tokens, (c, model.class_tokens(labels))
+        if context.dim() != 3 or context.shape[0] != len(c) or context.shape[2] != c.shape[1]:
+            raise ValueError(f"context must be (N, L, {c.shape[1]}) for a batch of {len(c)}, got "
+                             f"{tuple(context.shape)}")
+        return tokens, (c, context)
+
+    def run_layer(self, layer, tokens, cond, rope):
+        c, context = cond
+        tokens, context = layer(tokens, c, context, rope=rope)
+        return tokens, (c, context)
+
+    @staticmethod
+    def found_in(state_dict, hidden_size):
+        return "blocks.0.image.qkv.weight" in state_dict
+
+
+# The `block` choices: a new conditioning block is one Conditioning subclass plus its entry here.
+BLOCKS = {"adaLN-Zero": AdaLNZero, "adaLN": AdaLN, "cross-attention": CrossAttentionConditioning,
+          "in-context": InContext, "mm-dit": MMDiT}
 POSITIONS = ("sincos", "rope", "none")
-MLPS = ("gelu", "swiglu")
-NORMS = ("layernorm", "rmsnorm")
 
 
-def make_block(block, hidden_size, num_heads, mlp_ratio, last, **options):
-    """options: qk_norm, mlp, norm, which every block takes alike."""
-    if block in ("adaLN-Zero", "adaLN"):
-        return DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block == "adaLN-Zero", **options)
-    if block == "mm-dit":
-        return MMDiTBlock(hidden_size, num_heads, mlp_ratio, last=last, **options)
-    return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=block == "cross-attention", **options)
+# ------------------------------------------------------------------ the configuration
+def variant(default, help, choices=None):
+    """A DiTConfig field the scripts expose as a flag (--name-with-dashes), with its help and choices."""
+    return dataclasses.field(default=default, metadata={"flag": {"help": help, "choices": choices}})
+
+
+@dataclasses.dataclass
+class DiTConfig:
+    """Every argument of a DiT, with its default (the released DiT-XL/2 at 256 px): the one list.
+    input_size is the latent's side, or [height, width]; fields made with `variant` are the
+    scripts' model-variant flags. Checked on creation (one-line UserError with the fix)."""
+    input_size: object = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    block: str = variant("adaLN-Zero", "how the blocks take the timestep and class: adaLN-Zero (the paper's), adaLN, "
+                         "cross-attention, in-context, mm-dit (Stable Diffusion 3's joint attention)", tuple(BLOCKS))
+    context_tokens: int = variant(4, "--block mm-dit: length of the learned condition token sequence per class")
+    pos: str = variant("sincos", "positions: sincos (the paper's fixed table), rope (axial 2D rotary on queries and "
+                       "keys: trains at one size, samples at others), none", POSITIONS)
+    rope_base: float = variant(10000.0, "--pos rope: base of the rotary frequencies")
+    qk_norm: bool = variant(False, "normalise each head's queries and keys (by --norm's kind)")
+    mlp: str = variant("gelu", "gelu (the paper's) or swiglu (2/3 of the width: about the same parameters)",
+                       tuple(MLPS))
+    norm: str = variant("layernorm", "layernorm (the paper's) or rmsnorm", tuple(NORMS))
+
+    def __post_init__(self):
+        self.input_size = plain_input_size(self.input_size)
+        self.check_choices()
+        self.check_shapes()
+
+    def check_choices(self):
+        for field in variant_fields():
+            choices = field.metadata["flag"]["choices"]
+            value = getattr(self, field.name)
+            if choices and value not in choices:
+                raise UserError(f"unknown {flag_name(field.name)} {value!r}; choose one of: {', '.join(choices)}")
+        if not isinstance(self.qk_norm, bool):
+            raise UserError(f"qk_norm must be True or False, got {self.qk_norm!r}")
+        if not isinstance(self.context_tokens, int) or self.context_tokens < 1:
+            raise UserError(f"--context-tokens (context_tokens) must be a positive integer, got "
+                            f"{self.context_tokens!r}")
+        if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise UserError(f"--rope-base must be a number above 1, got {self.rope_base!r}")
+
+    def check_shapes(self):
+        if any(side % self.patch_size for side in input_hw(self.input_size)):
+            raise UserError(f"input size {self.input_size} is not divisible by the patch size {self.patch_size}; "
+                            f"pick an input size that is a multiple of {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"hidden size {self.hidden_size} is not divisible by the number of heads "
+                            f"{self.num_heads}")
+        if self.hidden_size % 4:
+            raise UserError(f"hidden size {self.hidden_size} must be a multiple of 4 (2D sine-cosine positions)")
+        if self.num_classes < 1 or self.depth < 1 or self.in_channels < 1:
+            raise UserError("num_classes, depth and in_channels must be positive")
+        if self.pos == "rope" and (self.hidden_size // self.num_heads) % 4:
+            raise UserError(f"--pos rope needs a head size that is a multiple of 4 (half for rows, half for columns, "
+                            f"in pairs); hidden size {self.hidden_size} / {self.num_heads} heads is not")
+
+    def describe(self):
+        """'DiT-S/2, input 32x32x4, 1000 classes', plus every field that differs from the release."""
+        args = dataclasses.asdict(self)
+        release = dataclasses.asdict(DiTConfig())
+        shown = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
+        rest = [f"{name} {value}" for name, value in args.items() if name not in shown and value != release[name]]
+        height, width = input_hw(self.input_size)
+        return ", ".join([f"{config_name(args)}, input {height}x{width}x{self.in_channels}, "
+                          f"{self.num_classes} classes", *rest])
+
+
+def variant_fields():
+    """The DiTConfig fields that are model-variant flags."""
+    return [field for field in dataclasses.fields(DiTConfig) if "flag" in field.metadata]
+
+
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
+def complete_model_args(model_args):
+    """model_args with DiTConfig's defaults filled in (older checkpoints lack arguments added since)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(DiTConfig)}
+    return {**defaults, **model_args}
+
+
+def differences(recorded, built):
+    """'block mm-dit (built: adaLN-Zero), ...': the fields two sets of model arguments disagree on,
+    only those both know (a state_dict shows some fields only)."""
+    return ", ".join(f"{name} {recorded[name]} (built: {built[name]})" for name in recorded
+                     if name in built and recorded[name] != built[name])
+
+
+def input_hw(input_size):
+    """(height, width) of an input_size: an int for a square, or (height, width)."""
+    return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+
+
+def plain_input_size(input_size):
+    """input_size as model_args records it (plain values, for checkpoints and JSON): an int for a
+    square, else [height, width]; refused in one line unless it is one or two positive integers."""
+    sides = [input_size] if isinstance(input_size, int) else list(input_size)
+    if not (1 <= len(sides) <= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides)):
+        raise UserError(f"input_size must be a positive integer or (height, width), got {input_size!r}")
+    return sides[0] if len(set(sides)) == 1 else sides
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """(rows * columns, dim) fixed positions of a grid_size (an int for a square, or (rows, columns)):
+    the first half encodes the column, the second the row."""
+    rows, cols = input_hw(grid_size)
+    rows, cols = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                                indexing="ij")
+    return torch.cat([sincos_embed_1d(dim // 2, cols.reshape(-1)),
+                      sincos_embed_1d(dim // 2, rows.reshape(-1))], dim=1).float()
+
+
+def sincos_embed_1d(dim, positions):
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+# ------------------------------------------------------------------ the network
+@dataclasses.dataclass
+class Embedded:
+    """What embed() hands the blocks: the tokens, what every block takes besides them, the output
+    layer's condition c = t + y, the token grid (rows, columns) and the rotary table (or None)."""
+    tokens: torch.Tensor
+    cond: object
+    c: torch.Tensor
+    grid: tuple
+    rope: tuple = None
 
 
 class DiT(nn.Module):
-    """Diffusion model with a transformer backbone. `block` picks the conditioning (see the top
-    of this file); `context_tokens` is the length of mm-dit's per-class condition sequence.
-    input_size: the latent's side, or (height, width); the model runs at any size that the patch
-    divides. pos: sincos (the release's fixed table), rope (axial 2D rotary positions of base
-    frequency rope_base on queries and keys) or none. qk_norm, mlp (gelu | swiglu) and norm
-    (layernorm | rmsnorm): the later transformers' stabilisers (see the top of this file)."""
+    """Diffusion model with a transformer backbone, built from a DiTConfig: DiT(**model_args),
+    DiT(config=...) or positionally in the reference's order (input_size, patch_size, ...)."""
 
-    def __init__(
-        self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        learn_sigma=True,
-        block="adaLN-Zero",
-        context_tokens=4,
-        pos="sincos",
-        rope_base=10000.0,
-        qk_norm=False,
-        mlp="gelu",
-        norm="layernorm",
-    ):
+    def __init__(self, *args, config=None, **kwargs):
         super().__init__()
-        input_size = plain_input_size(input_size)
+        config = config if config is not None else DiTConfig(*args, **kwargs)
+        self.config = config
         # Everything needed to rebuild this network: checkpoints store it, DiT(**model_args) rebuilds it.
-        self.model_args = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                               hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                               class_dropout_prob=class_dropout_prob, num_classes=num_classes,
-                               learn_sigma=learn_sigma, block=block, context_tokens=context_tokens, pos=pos,
-                               rope_base=rope_base, qk_norm=qk_norm, mlp=mlp, norm=norm)
-        check_arguments(self.model_args)
-        self.input_size = input_size
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.block = block
-        self.pos = pos
-        self.rope_base = rope_base
+        self.model_args = dataclasses.asdict(config)
+        self.conditioning = BLOCKS[config.block](config)
+        self.in_channels = config.in_channels
+        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.patch_size = config.patch_size
+        self.num_classes = config.num_classes
         self.gradient_checkpointing = False
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        height, width = input_hw(input_size)
-        self.grid = (height // patch_size, width // patch_size)  # the token grid (rows, columns) it is built for
-        self.num_patches = num_patches = self.grid[0] * self.grid[1]
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+        height, width = input_hw(config.input_size)
+        self.grid = (height // config.patch_size, width // config.patch_size)  # the token grid it is built for
+        self.num_patches = self.grid[0] * self.grid[1]
         self.pos_tables = {}  # (kind, rows, columns, device) -> positions of a grid, computed on first use
-        if pos == "sincos":  # a Parameter (not a buffer) so the state_dict matches the release
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        options = dict(qk_norm=qk_norm, mlp=mlp, norm=norm)
-        self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio, last=i == depth - 1,
-                                                **options) for i in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in ADAPTIVE_BLOCKS,
-                                      norm=norm)
-        if block == "mm-dit":  # after the released modules, so their initial draws do not move
-            self.class_tokens = ClassTokens(num_classes, hidden_size, context_tokens, class_dropout_prob > 0)
+        if config.pos == "sincos":  # a Parameter (not a buffer) so the state_dict matches the release
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, config.hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([self.conditioning.make_layer(last=i == config.depth - 1)
+                                     for i in range(config.depth)])
+        self.final_layer = self.conditioning.make_final_layer(self.out_channels)
+        self.extra_names = []  # after the released modules, so their initial draws do not move
+        for name, module in self.conditioning.extra_modules().items():
+            self.add_module(name, module)
+            self.extra_names.append(name)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -460,7 +728,7 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        if self.pos == "sincos":
+        if self.config.pos == "sincos":
             self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid).unsqueeze(0))
 
         # The patch embedding is a linear map over flattened patches.
@@ -471,12 +739,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.block == "mm-dit":
-            nn.init.normal_(self.class_tokens.embedding_table.weight, std=0.02)
+        for name in self.extra_names:
+            getattr(self, name).init_weights()
 
         # adaLN-Zero: every block starts as the identity and the model outputs exactly zero.
         # adaLN keeps the ordinary (xavier) initialisation of its modulation.
-        if self.block in ZERO_INIT_BLOCKS:
+        if self.conditioning.zero_init:
             for name, module in self.named_modules():
                 if name.endswith("adaLN_modulation"):
                     nn.init.zeros_(module[-1].weight)
@@ -516,154 +784,72 @@ class DiT(nn.Module):
         """pos=rope: (sin, cos), each (T, head_dim), of the token grid, by timm's axial 2D RoPE: the first half
         of each head's dims rotates with the token's row, the second half with its column, at frequencies
         rope_base ** (-i / (head_dim / 4)); token (i, j) has position (i, j) on any grid. Else None."""
-        if self.pos != "rope":
+        if self.config.pos != "rope":
             return None
         key = ("rope", *grid, str(device))
         if key not in self.pos_tables:
-            head_dim = self.x_embedder.proj.out_channels // self.num_heads
-            self.pos_tables[key] = build_rotary_pos_embed(list(grid), dim=head_dim, temperature=self.rope_base,
+            head_dim = self.config.hidden_size // self.config.num_heads
+            self.pos_tables[key] = build_rotary_pos_embed(list(grid), dim=head_dim, temperature=self.config.rope_base,
                                                           in_pixels=False, device=device)
         return self.pos_tables[key]
 
-    def forward(self, x, t, y, force_drop_ids=None, context=None, block_cache=None):
+    def forward(self, x, t, y, force_drop_ids=None, context=None):
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
         force_drop_ids: optional (N,) with 1 where the label is dropped, replacing the random
         label dropout (train.py draws it from its own seed so that runs are reproducible).
         context: mm-dit only, an (N, L, hidden_size) condition sequence (e.g. a text encoder's
         output, projected) replacing the class tokens; y still adds its class embedding to t.
-        Any height and width that are multiples of the patch work; positions follow the input's grid.
-        block_cache: sampling only, see run_blocks."""
+        Any height and width that are multiples of the patch work; positions follow the input's grid."""
+        embedded = self.embed(x, t, y, force_drop_ids, context)
+        tokens, _ = self.run_blocks(embedded.tokens, embedded.cond, embedded.rope)
+        return self.head(tokens, embedded)
+
+    def embed(self, x, t, y, force_drop_ids=None, context=None):
+        """The first step of forward: patches, positions, the timestep and label embeddings (Embedded)."""
         grid = self.token_grid(x)
-        x = self.x_embedder(x)
-        if self.pos == "sincos":
-            x = x + self.positions(grid, x.device)
+        tokens = self.x_embedder(x)
+        if self.config.pos == "sincos":
+            tokens = tokens + self.positions(grid, tokens.device)
         t_emb = self.t_embedder(t)
         labels = self.y_embedder.drop_labels(y, self.training, force_drop_ids)
         y_emb = self.y_embedder(labels, train=False)
-        c = t_emb + y_emb
-        if self.block == "in-context":  # two more tokens, removed again before the output layer
-            x = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1)
-        x = self.run_blocks(x, self.block_inputs(t_emb, y_emb, labels, context), self.rotary(grid, x.device),
-                            block_cache)
-        if self.block == "in-context":
-            x = x[:, :grid[0] * grid[1]]
-        return self.unpatchify(self.final_layer(x, c), grid)
+        tokens, cond = self.conditioning.begin(self, tokens, t_emb, y_emb, labels, context)
+        return Embedded(tokens, cond, t_emb + y_emb, grid, self.rotary(grid, tokens.device))
 
-    def block_inputs(self, t_emb, y_emb, labels, context):
-        """What each block takes besides the image tokens."""
-        if context is not None and self.block != "mm-dit":
-            raise ValueError(f"context= is for block='mm-dit'; this DiT has block={self.block!r}")
-        if self.block == "cross-attention":
-            return (torch.stack([t_emb, y_emb], dim=1),)
-        if self.block == "in-context":
-            return ()
-        c = t_emb + y_emb
-        if self.block != "mm-dit":
-            return (c,)
-        if context is None:
-            return c, self.class_tokens(labels)
-        if context.dim() != 3 or context.shape[0] != len(c) or context.shape[2] != c.shape[1]:
-            raise ValueError(f"context must be (N, L, {c.shape[1]}) for a batch of {len(c)}, got "
-                             f"{tuple(context.shape)}")
-        return c, context
-
-    def run_blocks(self, x, inputs, rope=None, block_cache=None):
-        """The blocks in turn; an mm-dit block also returns the condition stream the next one takes.
-        block_cache (a sampling.BlockCache, for faster sampling): at block block_cache.start it may
-        hand back the tokens plus the residual the remaining blocks added at an earlier call, in
-        place of running them; otherwise it records that residual. It counts the blocks run."""
-        for i, block in enumerate(self.blocks):
-            if block_cache is not None and i == block_cache.start:
-                reused = block_cache.enter(x)
-                if reused is not None:
-                    return reused
+    def run_blocks(self, tokens, cond, rope=None, start=0, stop=None):
+        """(tokens, cond) after blocks start .. stop - 1 (default: all); cond changes only for mm-dit,
+        whose condition stream each block updates. Gradient checkpointing applies here."""
+        for layer in self.blocks[start:stop]:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                out = checkpoint(block, x, *inputs, rope=rope, use_reentrant=False)
+                tokens, cond = checkpoint(self.conditioning.run_layer, layer, tokens, cond, rope, use_reentrant=False)
             else:
-                out = block(x, *inputs, rope=rope)
-            if self.block == "mm-dit":
-                x, inputs = out[0], (inputs[0], out[1])
-            else:
-                x = out
-            if block_cache is not None:
-                block_cache.block_evals += 1
-        return x if block_cache is None else block_cache.leave(x)
+                tokens, cond = self.conditioning.run_layer(layer, tokens, cond, rope)
+        return tokens, cond
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None, block_cache=None):
+    def head(self, tokens, embedded):
+        """The last step of forward: the output layer on the image tokens, back to (N, C, H, W)."""
+        tokens = self.conditioning.end(tokens, embedded.grid[0] * embedded.grid[1])
+        return self.unpatchify(self.final_layer(tokens, embedded.c), embedded.grid)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None):
         """Classifier-free guidance. The batch is the conditional half followed by the same
-        latents with the null label; both halves get the guided noise prediction.
-
-        By default only the first three output channels are guided, as in the original
-        release (needed to reproduce its published FID); `guide_all_channels=True` guides
-        every noise channel. Learned-variance channels are never guided. context (mm-dit):
-        the conditional then the unconditional condition sequences, as the labels.
-        """
+        latents with the null label; both halves get the guided noise prediction (apply_guidance).
+        context (mm-dit): the conditional then the unconditional condition sequences, as the labels."""
         half = x[: len(x) // 2]
         # self(...), not self.forward(...): a compiled model (--compile) runs its compiled forward here too
-        out = self(torch.cat([half, half]), t, y, context=context, block_cache=block_cache)
+        out = self(torch.cat([half, half]), t, y, context=context)
+        return self.apply_guidance(out, cfg_scale, guide_all_channels)
+
+    def apply_guidance(self, out, cfg_scale, guide_all_channels=False):
+        """The guided output of a conditional-then-unconditional batch. By default only the first three
+        output channels are guided, as in the original release (needed to reproduce its published FID);
+        `guide_all_channels=True` guides every noise channel. Learned-variance channels are never guided.
+        Combined in float32 (a no-op for float32 outputs): the scale amplifies bf16/fp16 rounding."""
         n = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :n], out[:, n:]
-        cond_eps, uncond_eps = eps.split(len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        cond_eps, uncond_eps = eps.float().split(len(eps) // 2, dim=0)
+        half_eps = (uncond_eps + cfg_scale * (cond_eps - uncond_eps)).to(eps.dtype)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
-
-def check_arguments(model_args):
-    """Refuse constructor arguments that cannot make a DiT, with the fix."""
-    a = model_args
-    if any(side % a["patch_size"] for side in input_hw(a["input_size"])):
-        raise ValueError(f"input size {a['input_size']} is not divisible by the patch size {a['patch_size']}; "
-                         f"pick an input size that is a multiple of {a['patch_size']}")
-    if a["hidden_size"] % a["num_heads"]:
-        raise ValueError(f"hidden size {a['hidden_size']} is not divisible by the number of heads {a['num_heads']}")
-    if a["hidden_size"] % 4:
-        raise ValueError(f"hidden size {a['hidden_size']} must be a multiple of 4 (2D sine-cosine positions)")
-    if a["num_classes"] < 1 or a["depth"] < 1 or a["in_channels"] < 1:
-        raise ValueError("num_classes, depth and in_channels must be positive")
-    if a["block"] not in BLOCKS:
-        raise UserError(f"unknown block {a['block']!r}; choose one of: {', '.join(BLOCKS)}")
-    if not isinstance(a["context_tokens"], int) or a["context_tokens"] < 1:
-        raise UserError(f"--context-tokens (context_tokens) must be a positive integer, got {a['context_tokens']!r}")
-    for name, choices in (("pos", POSITIONS), ("mlp", MLPS), ("norm", NORMS)):
-        if a[name] not in choices:
-            raise UserError(f"unknown --{name} {a[name]!r}; choose one of: {', '.join(choices)}")
-    if a["pos"] == "rope" and (a["hidden_size"] // a["num_heads"]) % 4:
-        raise UserError(f"--pos rope needs a head size that is a multiple of 4 (half for rows, half for columns, in "
-                        f"pairs); hidden size {a['hidden_size']} / {a['num_heads']} heads is not")
-    if not (isinstance(a["rope_base"], (int, float)) and math.isfinite(a["rope_base"]) and a["rope_base"] > 1):
-        raise UserError(f"--rope-base must be a number above 1, got {a['rope_base']!r}")
-    if not isinstance(a["qk_norm"], bool):
-        raise UserError(f"qk_norm must be True or False, got {a['qk_norm']!r}")
-
-
-def input_hw(input_size):
-    """(height, width) of an input_size: an int for a square, or (height, width)."""
-    return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-
-
-def plain_input_size(input_size):
-    """input_size as model_args records it (plain values, for checkpoints and JSON): an int for a
-    square, else [height, width]; refused in one line unless it is one or two positive integers."""
-    sides = [input_size] if isinstance(input_size, int) else list(input_size)
-    if not (1 <= len(sides) <= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides)):
-        raise UserError(f"input_size must be a positive integer or (height, width), got {input_size!r}")
-    return sides[0] if len(set(sides)) == 1 else sides
-
-
-def sincos_pos_embed_2d(dim, grid_size):
-    """(rows * columns, dim) fixed positions of a grid_size (an int for a square, or (rows, columns)):
-    the first half encodes the column, the second the row."""
-    rows, cols = input_hw(grid_size)
-    rows, cols = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                                indexing="ij")
-    return torch.cat([sincos_embed_1d(dim // 2, cols.reshape(-1)),
-                      sincos_embed_1d(dim // 2, rows.reshape(-1))], dim=1).float()
-
-
-def sincos_embed_1d(dim, positions):
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    angles = positions[:, None] * omega[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
 #################################################################################
@@ -701,60 +887,6 @@ def create_model(name, **kwargs):
     return DiT(**model_args_for(name, **kwargs))
 
 
-def compile_model(model, inference=False, blocks_only=False):
-    """The fast mode (--compile): the whole model through torch.compile, in place (calls of the
-    model, forward_with_cfg's and DDP's included, run the compiled forward, and the state_dict
-    keeps the release's names). The compiler fuses what the release runs as separate
-    kernels (bias + GELU, LayerNorm + modulation, gate + residual, the attention's reshapes), and
-    the GELU is computed through exp instead of tanh (Mlp.sigmoid_gelu).
-    inference=True (sampling) on CPU also freezes the weights into the no-grad graph (Inductor's
-    `freezing`: the linear layers' weights pre-packed for MKL's matmul, constants folded); the
-    packed copies do not follow later changes, so only a model whose weights are final may be
-    compiled so.
-    blocks_only compiles each block instead (regional compilation: the blocks share one graph,
-    compiled in a fraction of the whole model's time): train.py's choice, where it measured as
-    fast as the whole model, and block caching's, whose Python-side choice of the blocks to run
-    would make the whole-model graph recompile at every sampling step. The default (uncompiled) model
-    is untouched; compiled outputs match it to float32 rounding (tests/test_speed.py)."""
-    for module in model.modules():
-        if isinstance(module, Mlp):
-            module.sigmoid_gelu = True
-    if blocks_only:
-        for block in model.blocks:
-            block.compile()
-        return model
-    if not (inference and next(model.parameters()).device.type == "cpu"):
-        model.compile()
-        return model
-    compiled = torch.compile(model.forward)
-
-    def frozen_forward(*args, **kwargs):
-        # Dynamo reads `freezing` from the global config as it traces (torch.compile's options
-        # reach only Inductor), so it is set around each call, and left as it was outside them.
-        with torch._inductor.config.patch(freezing=True):
-            return compiled(*args, **kwargs)
-
-    model.forward = frozen_forward  # Module.__call__ (and so forward_with_cfg) runs it
-    return model
-
-
-def quantize_model(model):
-    """The int8 mode for sampling on CPU (--quantize int8), in place: every nn.Linear becomes
-    PyTorch's dynamically quantized Linear (fbgemm): int8 weights with a scale per output
-    channel, the input quantized to int8 at each call from its own range, int32 sums. On an AVX2
-    CPU its matmuls run about 1.7x fp32's rate; DiT-S/2's output moves by about 2% (RMS,
-    relative), and the digits' accuracy and Frechet distance not measurably (README "Speed").
-    The convolution, embeddings, norms and attention stay fp32. Inference only; apply before
-    compile_model."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        # PyTorch announces a move of eager-mode quantization to torchao; the kernels are its own.
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
-
-
 def _config(name):
     def make(**kwargs):
         return create_model(name, **kwargs)
@@ -764,58 +896,6 @@ def _config(name):
 
 
 DiT_models = {f"DiT-{size}/{patch}": _config(f"DiT-{size}/{patch}") for size in MODEL_SIZES for patch in (2, 4, 8)}
-
-
-def describe_state_dict(state_dict):
-    """A short human description of the DiT a state_dict belongs to, for error messages."""
-    try:
-        hidden, in_ch, _, patch = state_dict["x_embedder.proj.weight"].shape
-        depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
-    except (KeyError, ValueError, AttributeError):
-        return "not a DiT state_dict"
-    size = next((s for s, cfg in MODEL_SIZES.items() if cfg[:2] == (depth, hidden)), f"depth {depth}, hidden {hidden}")
-    block = block_of_state_dict(state_dict)
-    return f"DiT-{size}/{patch}, input {input_of_state_dict(state_dict, patch)}x{in_ch}, {classes} classes" + \
-        ("" if block == "adaLN-Zero" else f", block {block}") + \
-        ("" if "pos_embed" in state_dict else ", no pos_embed (pos rope or none)") + \
-        (", mlp swiglu" if any(".mlp.fc1_g." in k for k in state_dict) else "") + \
-        (", qk-norm" if any(".q_norm." in k for k in state_dict) else "")
-
-
-def input_of_state_dict(state_dict, patch):
-    """'32x32' as far as the pos_embed tells (its token count for a non-square one)."""
-    if "pos_embed" not in state_dict:
-        return "any size"
-    tokens = state_dict["pos_embed"].shape[1]
-    side = int(round(tokens ** 0.5))
-    return f"{side * patch}x{side * patch}" if side * side == tokens else f"{tokens} tokens of {patch}x{patch}"
-
-
-def block_of_state_dict(state_dict):
-    """The `block` a DiT state_dict was built with, read off its parameter names and shapes."""
-    if "blocks.0.image.qkv.weight" in state_dict:
-        return "mm-dit"
-    if "blocks.0.cross_attn.q.weight" in state_dict:
-        return "cross-attention"
-    if "blocks.0.norm1.weight" in state_dict:
-        return "in-context"
-    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
-    gated = modulation is None or modulation.shape[0] == 6 * state_dict["x_embedder.proj.weight"].shape[0]
-    return "adaLN-Zero" if gated else "adaLN"
-
-
-def load_weights(model, state_dict, what="checkpoint"):
-    """load_state_dict(strict=True) with a one-line error naming both models on a mismatch."""
-    own = model.state_dict()
-    mismatch = set(own) != set(state_dict) or any(own[k].shape != state_dict[k].shape for k in own)
-    if mismatch:
-        raise UserError(f"{what} holds {describe_state_dict(state_dict)}, but the model built is "
-                        f"{describe_state_dict(own)}; pass the matching --model / --image-size / --num-classes "
-                        f"/ --block / --pos / --mlp / --qk-norm")
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
 
 # The reference's module-level names (`from models import DiT_XL_2`): the same callables as DiT_models.
 DiT_XL_2, DiT_XL_4, DiT_XL_8 = DiT_models["DiT-XL/2"], DiT_models["DiT-XL/4"], DiT_models["DiT-XL/8"]

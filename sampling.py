@@ -34,7 +34,8 @@ from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
 from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.flow import TIMESTEP_SCALE
 from download import RELEASED_MODELS
-from models import compile_model, config_name, model_args_for, quantize_model
+from fast import check_quantize, compile_model, quantize_model
+from models import config_name, model_args_for
 
 SAMPLERS = cli.SAMPLERS
 
@@ -131,22 +132,6 @@ def load_model(args, device):
     return model.eval(), settings
 
 
-def check_quantize(quantize, device, precision):
-    """--quantize int8 needs PyTorch's CPU int8 kernels, in fp32: refused otherwise, before loading."""
-    if quantize == "none":
-        return
-    if torch.device(device).type != "cpu":
-        raise cli.UserError(f"--quantize {quantize} runs on CPU only (PyTorch's int8 kernels), not {device}; "
-                            f"drop --quantize, or add --device cpu")
-    if precision in ("bf16", "fp16"):
-        raise cli.UserError(f"--quantize {quantize} computes in fp32; drop --precision {precision}")
-    try:
-        from torch.ao import quantization  # noqa: F401  (announced to move to torchao)
-    except ImportError:
-        raise cli.UserError(f"--quantize {quantize} needs torch.ao.quantization, which PyTorch {torch.__version__} "
-                            f"does not have; drop --quantize, or use PyTorch 2.14 or older") from None
-
-
 def refuse_variant_overrides(recorded, given):
     """A checkpoint that records its variant is sampled as that variant: another value of a flag
     such as --norm or --rope-base would run its weights as a different network, with no error."""
@@ -176,21 +161,17 @@ def warn_other_size(source, model_args, image_size, downsample):
 
 
 def _model_args_from_flags(args, loaded, vae):
-    """For a bare state_dict: the named --model, else the config its shapes show."""
+    """For a bare state_dict: the named --model (at the size its position table shows), else the
+    config its shapes show."""
     if args.model is None:
         found = checkpoint.model_args_from_state_dict(loaded.state_dict)
         if found is None:
             raise cli.UserError(f"{loaded.source} is a state_dict of unknown configuration; pass --model, "
                                 f"--image-size and --num-classes")
         return found
-    pixel = vae == "none"
-    in_channels = loaded.state_dict.get("x_embedder.proj.weight", torch.empty(0, 3)).shape[1] if pixel else 4
-    # The size the weights were trained at, when their position table is square (else unknown: None).
-    positions = loaded.state_dict.get("pos_embed")
-    grid = int(round(positions.shape[1] ** 0.5)) if positions is not None and positions.ndim == 3 else 0
-    square = grid > 0 and grid * grid == positions.shape[1]
-    input_size = grid * model_args_for(args.model)["patch_size"] if square else None
-    return model_args_for(args.model, input_size=input_size, in_channels=in_channels, num_classes=1000)
+    shown = checkpoint.config_of_state_dict(loaded.state_dict) or {}
+    in_channels = shown.get("in_channels", 3) if vae == "none" else 4
+    return model_args_for(args.model, input_size=shown.get("input_size"), in_channels=in_channels, num_classes=1000)
 
 
 def load_decoder(settings, device, chunk_size=8, tiling=False):
@@ -241,12 +222,13 @@ class BlockCache:
     (the idea of FORA, Selvaraju et al. 2024, and Delta-DiT, Chen et al. 2024): the model's
     features change little from one sampling step to the next, the deep blocks' the least.
 
-    Every `interval`-th call of a generate() run (the first included) runs all blocks and keeps,
-    per sample, the residual the blocks from `start` on added to the tokens (their output minus
-    their input). The calls in between run the embeddings, blocks 0 .. start - 1 and the output
-    layer (with this step's timestep modulation) and add the kept residual in place of the rest.
-    Calls at noise levels below `above` (t for flow, timestep / 1000 for eps and v) run all blocks:
-    the last, least noisy steps, where fine detail forms, as Dynamic DiT spends its full depth
+    `cache(model, x, t, y)` computes model(x, t, y) through the model's public steps (embed,
+    run_blocks, head). Every `interval`-th call of a generate() run (the first included) runs all
+    blocks and keeps, per sample, the residual the blocks from `start` on added to the tokens
+    (their output minus their input). The calls in between run the embeddings, blocks 0 .. start - 1
+    and the output layer (with this step's timestep modulation) and add the kept residual in place of
+    the rest. Calls at noise levels below `above` (t for flow, timestep / 1000 for eps and v) run all
+    blocks: the last, least noisy steps, where fine detail forms, as Dynamic DiT spends its full depth
     there too. A call whose batch differs from the kept one (--cfg-interval switching between the
     guided and the conditional batch) runs all blocks. The state lives in one generate() run only, and
     each sample's residual is its own row, so samples stay independent of their batch."""
@@ -254,7 +236,7 @@ class BlockCache:
     def __init__(self, interval, start, above=0.0):
         self.interval, self.start, self.above = interval, start, above
         self.calls = self.block_evals = 0
-        self.residual = self._entry = None
+        self.residual = None
         self.level = 1.0
 
     def next_call(self, level=1.0):
@@ -262,18 +244,19 @@ class BlockCache:
         self.calls += 1
         self.level = level
 
-    def enter(self, x):
-        """The tokens at block `start`: x plus the kept residual on a reusing call, else None (run them)."""
+    def __call__(self, model, x, t, y, context=None):
+        embedded = model.embed(x, t, y, context=context)
+        tokens, cond = model.run_blocks(embedded.tokens, embedded.cond, embedded.rope, stop=self.start)
+        self.block_evals += min(self.start, len(model.blocks))
         reuse = (self.calls - 1) % self.interval != 0 and self.level >= self.above
-        if reuse and self.residual is not None and self.residual.shape == x.shape:
-            return x + self.residual
-        self._entry = x
-        return None
-
-    def leave(self, x):
-        """The tokens after the last block, on a call that ran them all: keeps their residual."""
-        self.residual, self._entry = x - self._entry, None
-        return x
+        if reuse and self.residual is not None and self.residual.shape == tokens.shape:
+            tokens = tokens + self.residual
+        else:
+            entry = tokens
+            tokens, _ = model.run_blocks(tokens, cond, embedded.rope, start=self.start)
+            self.residual = tokens - entry
+            self.block_evals += len(model.blocks) - self.start
+        return model.head(tokens, embedded)
 
 
 def sampler_options(args):
@@ -401,21 +384,25 @@ def check_cfg_scale(cfg_scale):
 def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None, block_cache=None):
     """The model function the samplers call, with guidance and autocast, returning float32.
     With cfg_interval, steps whose noise level is outside it run the conditional half alone
-    (its prediction serves both halves of the doubled batch). block_cache: a BlockCache the
-    model's blocks use (each call one step of it)."""
-    cache = {} if block_cache is None else {"block_cache": block_cache}
+    (its prediction serves both halves of the doubled batch). block_cache: a BlockCache that runs
+    the model (each call one step of it)."""
+    def run(x, t, y):
+        return model(x, t, y) if block_cache is None else block_cache(model, x, t, y)
 
     def forward(x, t, y):
         if block_cache is not None:
             block_cache.next_call(float(t[0]) / TIMESTEP_SCALE)
         with cli.autocast(precision, device):
             if cfg_scale == 1:
-                return model(x, t, y, **cache).float()
+                return run(x, t, y).float()
             if cfg_interval is not None and not _guided_at(t, cfg_interval):
                 half = len(x) // 2
-                conditional = model(x[:half], t[:half], y[:half], **cache).float()
+                conditional = run(x[:half], t[:half], y[:half]).float()
                 return torch.cat([conditional, conditional])
-            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels, **cache).float()
+            if block_cache is None:
+                return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels).float()
+            half = x[: len(x) // 2]
+            return model.apply_guidance(run(torch.cat([half, half]), t, y), cfg_scale, guide_all_channels).float()
     return forward
 
 

@@ -67,7 +67,9 @@ import metrics
 import vae as vae_lib
 from diffusion import OBJECTIVES, create_process
 from diffusion.flow import T_SAMPLINGS
-from models import compile_model, describe_state_dict, load_weights, model_args_for
+from checkpoint import describe_state_dict, load_weights
+from fast import compile_model
+from models import model_args_for
 
 
 # ------------------------------------------------------------------ flags

@@ -14,7 +14,7 @@ the paper's Gflops (multiply-adds, one 256px image's forward) x 2 (flops per mul
 below, or --peak-tflops); elsewhere (CPU, fp32) against a plain matmul timed in the same run.
 Peak memory is the CUDA allocator's peak over the training steps (CPU: the process's peak RSS).
 Sampling times the EMA model with guidance (cfg 1.5, the FID setting; the batch is doubled),
-the VAE decode excluded. --compile (default on CUDA) is the fast mode, models.compile_model.
+the VAE decode excluded. --compile (default on CUDA) is the fast mode, fast.compile_model.
 """
 import argparse
 import json
@@ -36,7 +36,8 @@ import train  # noqa: E402
 from diffusion import create_process  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from flops import params_and_gflops  # noqa: E402
-from models import compile_model, create_model, model_args_for  # noqa: E402
+from fast import compile_model  # noqa: E402
+from models import create_model, model_args_for  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
@@ -53,7 +54,7 @@ def parse_args():
     parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
                         help="default bf16 on CUDA, fp32 on CPU (where bf16 is emulated without AVX-512 BF16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="models.compile_model (default: on CUDA)")
+                        help="fast.compile_model (default: on CUDA)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--sample-batch-size", type=int, default=64, help="images per sampling call")
     parser.add_argument("--ddpm-steps", type=int, default=250)

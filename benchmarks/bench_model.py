@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cli import autocast, set_tf32  # noqa: E402
 from distributed import pick_device  # noqa: E402
-from models import compile_model, create_model  # noqa: E402
+from fast import compile_model  # noqa: E402
+from models import create_model  # noqa: E402
 
 
 def sync(device):
@@ -55,7 +56,7 @@ def parse_args():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="the fast mode: models.compile_model")
+    parser.add_argument("--compile", action="store_true", help="the fast mode: fast.compile_model")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

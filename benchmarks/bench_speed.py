@@ -82,6 +82,7 @@ batch, rounds, calls = map(int, sys.argv[5:8])
 sys.path.insert(0, new_dir)
 import torch
 torch.set_num_threads(1)  # one thread: the process CPU time is then the work done, whatever else runs
+import fast
 import models
 spec = importlib.util.spec_from_file_location("old_models", f"{old_dir}/models.py")
 old_models = importlib.util.module_from_spec(spec)
@@ -110,11 +111,11 @@ call = forward if kind == "forward" else forward_backward
 outs = {name: call(model) for name, model in variants.items()}
 start = time.perf_counter()
 if kind == "forward":
-    models.compile_model(variants["new compiled"], inference=True)  # as sample.py --compile: frozen no-grad graph
-    models.compile_model(models.quantize_model(variants["new int8 compiled"]), inference=True)
+    fast.compile_model(variants["new compiled"], inference=True)  # as sample.py --compile: frozen no-grad graph
+    fast.compile_model(fast.quantize_model(variants["new int8 compiled"]), inference=True)
     outs["new int8 compiled"] = call(variants["new int8 compiled"])
 else:
-    models.compile_model(variants["new compiled"], blocks_only=True)  # as train.py --compile
+    fast.compile_model(variants["new compiled"], blocks_only=True)  # as train.py --compile
 outs["new compiled"] = call(variants["new compiled"])
 first = time.perf_counter() - start
 times = {name: [] for name in variants}

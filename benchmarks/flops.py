@@ -29,7 +29,7 @@ def params_and_gflops(model_args):
     """(parameters, Gflops of one forward pass of one image) of DiT(**model_args)."""
     with torch.device("meta"):
         model = DiT(**model_args).eval()
-        x = torch.zeros(1, model.in_channels, *input_hw(model.input_size))
+        x = torch.zeros(1, model.in_channels, *input_hw(model.config.input_size))
         t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x, t, y)

@@ -86,7 +86,7 @@ def main():
         for (h, w), part in zip(SIZES, tiles):
             ax.text(x, -2, f"{h}x{w}" + ("\n(trained)" if (h, w) == (8, 8) else ""), fontsize=10)
             x += part.shape[1] + GAP
-        ax.set_title(f"pos={model.pos}", pad=30)
+        ax.set_title(f"pos={model.config.pos}", pad=30)
         ax.axis("off")
     fig.suptitle(f"Trained on 8x8 digits, sampled at larger canvases\none row per class 0-9, guidance "
                  f"{args.cfg_scale:g}, dpm-solver 25 steps, the same seeds")

@@ -13,6 +13,7 @@ import ablate
 import cli
 import sample
 import sampling
+import train
 from benchmarks import flops
 from conftest import (EXPERIMENT, assert_checkpointing_keeps_the_gradients, pixel_args, random_dit, run_main,
                       write_images)
@@ -49,9 +50,14 @@ def test_adaln_zero_init_draws_as_before():
     assert model.model_args["block"] == "adaLN-Zero"
 
 
-def test_flag_choices_are_the_model_blocks():
-    assert cli.MODEL_VARIANT_FLAGS["--block"]["choices"] == list(BLOCKS)
-    assert cli.MODEL_VARIANT_FLAGS["--block"]["default"] == "adaLN-Zero"
+def test_every_block_is_a_training_flag_that_reaches_the_model():
+    """--block's choices and default come from models.DiTConfig: each parses and builds its block."""
+    for block in BLOCKS:
+        args = train.parse_args(["--data-path", "x", "--block", block])
+        assert cli.model_variant_args(args)["block"] == block and DiT(**TINY, block=block).config.block == block
+    assert train.parse_args(["--data-path", "x"]).block == "adaLN-Zero"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", "x", "--block", "adaLN-zero"])
 
 
 # ------------------------------------------------------------------ every block
@@ -136,7 +142,7 @@ def test_mm_dit_takes_any_condition_sequence():
 
 
 def test_bad_block_arguments_are_one_line_user_errors():
-    with pytest.raises(cli.UserError, match="unknown block 'adaLN-zero'; choose one of: adaLN-Zero"):
+    with pytest.raises(cli.UserError, match="unknown --block 'adaLN-zero'; choose one of: adaLN-Zero"):
         DiT(block="adaLN-zero", **TINY)
     with pytest.raises(cli.UserError, match="--context-tokens"):
         DiT(block="mm-dit", context_tokens=0, **TINY)
@@ -166,7 +172,7 @@ def test_checkpoint_rebuilds_the_block_in_sample_py(block, pixels, tmp_path):
     assert images.shape == (3, 8, 8, 1)
     args = sample.parse_args(["--ckpt", ckpt])
     model, _ = sampling.load_model(args, torch.device("cpu"))
-    assert (model.block, model.model_args["context_tokens"]) == (block, 3)
+    assert (model.config.block, model.model_args["context_tokens"]) == (block, 3)
     # resuming keeps training the same variant; another --block is refused in one line
     assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, "--block", block, "--context-tokens", 3,
                                "--resume", "auto")) is None

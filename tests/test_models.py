@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import GOLDEN, assert_close_to_golden
-from models import DiT, DiT_models, create_model, describe_state_dict, load_weights
+from checkpoint import describe_state_dict, load_weights
+from models import DiT, DiT_models, create_model
 
 
 def _golden_model(golden, name):

@@ -13,6 +13,7 @@ import checkpoint
 import cli
 import sample
 import sampling
+import train
 from conftest import (EXPERIMENT, assert_checkpointing_keeps_the_gradients, pixel_args, random_dit, run_main,
                       write_images)
 from models import BLOCKS, DiT, create_model, rotate, sincos_pos_embed_2d
@@ -248,9 +249,13 @@ def test_bad_options_are_one_line_user_errors():
 
 # ------------------------------------------------------------------ flags and checkpoints
 def test_flags_are_the_constructor_arguments():
-    flags = cli.MODEL_VARIANT_FLAGS
-    assert flags["--pos"]["choices"] == ["sincos", "rope", "none"] and flags["--pos"]["default"] == "sincos"
-    assert flags["--mlp"]["choices"] == ["gelu", "swiglu"] and flags["--norm"]["choices"] == ["layernorm", "rmsnorm"]
+    given = train.parse_args(["--data-path", "x", "--pos", "rope", "--mlp", "swiglu", "--norm", "rmsnorm", "--qk-norm",
+                              "--rope-base", "100", "--context-tokens", "2", "--block", "mm-dit"])
+    built = DiT(**TINY, **cli.model_variant_args(given)).model_args
+    assert {k: built[k] for k in cli.model_variant_args(given)} == dict(
+        pos="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True, rope_base=100.0, context_tokens=2, block="mm-dit")
+    defaults = cli.model_variant_args(train.parse_args(["--data-path", "x"]))
+    assert DiT(**TINY, **defaults).model_args == DiT(**TINY).model_args  # training defaults: the release's
     args = sample.parse_args(["--ckpt", "x.pt"])
     assert cli.model_variant_args(args) == {}  # sampling keeps every option of the checkpoint
     assert cli.model_variant_args(sample.parse_args(["--ckpt", "x.pt", "--no-qk-norm"])) == {"qk_norm": False}
@@ -291,7 +296,7 @@ def test_checkpoint_rebuilds_the_modern_model_in_sample_py(pixels, tmp_path):
                           str(tmp_path / "grid.png")])
     assert images.shape == (3, 8, 8, 1)
     model, _ = sampling.load_model(sample.parse_args(["--ckpt", ckpt]), torch.device("cpu"))
-    assert (model.pos, model.rope_base, model.model_args["qk_norm"]) == ("rope", 100.0, True)
+    assert (model.config.pos, model.config.rope_base, model.model_args["qk_norm"]) == ("rope", 100.0, True)
     # resuming keeps the options; a sampling flag that changes the weights is refused in one line
     assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, *MODERN_FLAGS, "--resume", "auto")) is None
     with pytest.raises(cli.UserError, match="qk-norm"):

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import cli
+import fast
 import models
 import sampling
 import train
@@ -66,10 +67,10 @@ def assert_same_gradients(fast, eager, x, t, y, drop):
 @pytest.mark.slow
 def test_compiled_model_matches_the_default_forward_and_gradients():
     x, t, y, drop = inputs()
-    eager, fast = random_model(), models.compile_model(random_model())
+    eager, fast = random_model(), fast.compile_model(random_model())
     assert_same_gradients(fast, eager, x, t, y, drop)
     assert fast.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep the release's names
-    blocks = models.compile_model(random_model(), blocks_only=True)
+    blocks = fast.compile_model(random_model(), blocks_only=True)
     assert_same_gradients(blocks, random_model(), x, t, y, drop)
 
 
@@ -78,7 +79,7 @@ def test_frozen_inference_model_matches_the_default_with_guidance():
     """Sampling's fast mode: the weights frozen into the graph (pre-packed for MKL), called through forward_with_cfg."""
     x, t, y, _ = inputs()
     eager = random_model().eval()
-    fast = models.compile_model(random_model().eval(), inference=True)
+    fast = fast.compile_model(random_model().eval(), inference=True)
     with torch.no_grad():
         close(fast(x, t, y), eager(x, t, y))
         close(fast.forward_with_cfg(x, t, y, 4.0), eager.forward_with_cfg(x, t, y, 4.0))
@@ -103,11 +104,11 @@ def test_sigmoid_gelu_matches_the_tanh_gelu_and_its_gradient():
 
 
 def test_compile_model_compiles_the_model_or_only_its_blocks():
-    whole = models.compile_model(tiny(input_size=8, in_channels=4, num_classes=10))
+    whole = fast.compile_model(tiny(input_size=8, in_channels=4, num_classes=10))
     assert whole._compiled_call_impl is not None and whole.blocks[0]._compiled_call_impl is None
     assert all(block.mlp.sigmoid_gelu for block in whole.blocks)
     assert not models.Mlp.sigmoid_gelu  # the default path keeps the release's tanh-GELU
-    blocks = models.compile_model(tiny(input_size=8, in_channels=4, num_classes=10), blocks_only=True)
+    blocks = fast.compile_model(tiny(input_size=8, in_channels=4, num_classes=10), blocks_only=True)
     assert all(block._compiled_call_impl is not None for block in blocks.blocks)
     assert blocks._compiled_call_impl is None and blocks.final_layer._compiled_call_impl is None
 
@@ -139,7 +140,7 @@ def test_int8_mode_stays_within_its_tolerance():
     """--quantize int8: every Linear quantized (the convolution, embeddings and norms stay fp32), and the
     outputs near the default's but not equal to them."""
     x, t, y, _ = inputs()
-    eager, int8 = random_model().eval(), models.quantize_model(random_model().eval())
+    eager, int8 = random_model().eval(), fast.quantize_model(random_model().eval())
     linears = [name for name, module in eager.named_modules() if type(module) is nn.Linear]
     assert linears and all(isinstance(int8.get_submodule(name), torch.ao.nn.quantized.dynamic.Linear)
                            for name in linears)
@@ -155,8 +156,8 @@ def test_int8_mode_compiles():
     """--quantize int8 --compile: the frozen graph calls the same int8 kernels (an input rounded to the next
     int8 level here and there is all that may differ)."""
     x, t, y, _ = inputs()
-    int8 = models.quantize_model(random_model().eval())
-    fast = models.compile_model(models.quantize_model(random_model().eval()), inference=True)
+    int8 = fast.quantize_model(random_model().eval())
+    fast = fast.compile_model(fast.quantize_model(random_model().eval()), inference=True)
     with torch.no_grad():
         assert rms_error(fast.forward_with_cfg(x, t, y, 4.0), int8.forward_with_cfg(x, t, y, 4.0)) < 0.01
 
@@ -214,8 +215,8 @@ def test_sample_ddp_keeps_int8_samples_apart(pixel_ckpt, tmp_path):
                                                         ("cpu", "fp16", "drop --precision fp16")])
 def test_int8_mode_refuses_what_it_cannot_run(device, precision, message):
     with pytest.raises(cli.UserError, match=message):
-        sampling.check_quantize("int8", device, precision)
-    sampling.check_quantize("none", device, precision)  # the default asks nothing
+        fast.check_quantize("int8", device, precision)
+    fast.check_quantize("none", device, precision)  # the default asks nothing
 
 
 def adamw_steps(kernel):
