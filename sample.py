@@ -12,7 +12,7 @@ per-step noise are drawn in the original's order. A train.py checkpoint supplies
 for models without a position table (--pos rope or none); a sine-cosine model gets its table
 recomputed for the new grid, with a warning. --vae-tiling decodes large images in tiles.
 --compile (torch.compile) and, on CPU, --quantize int8 (the linear layers in int8, samples
-slightly different from fp32's) are the fast modes (README "Speed").
+slightly different from fp32's) are the fast modes (docs/speed.md).
 
 From Python, main([...flags]) returns the images as an N x H x W x C uint8 array.
 """

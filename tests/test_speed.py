@@ -14,7 +14,7 @@ is an approximation, not a rounding difference. On the test's random model (weig
 1/sqrt(fan-in), like a trained one's) the output's RMS difference from the default measured 6%
 of the output's RMS, 9% guided at scale 4 (which amplifies the conditional-unconditional
 difference); the test allows 10% and 15%. DiT-S/2 measured 2.3%, and the digits demo's accuracy and
-Frechet distance did not move (README "Speed").
+Frechet distance did not move (docs/speed.md).
 """
 import argparse
 import json
