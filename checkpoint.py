@@ -213,6 +213,19 @@ def describe_state_dict(state_dict):
     return ", ".join([f"{name}, input {size}x{found['in_channels']}, {found['num_classes']} classes", *rest])
 
 
+def refuse_contradictions(recorded, given, remedy):
+    """One line for the first flag given whose value contradicts a checkpoint's record (its model_args
+    or diffusion_args): another value would run or train its weights as another network or process.
+    given: field name -> the flag's value; "model" (a config name such as DiT-S/2) is compared with
+    the config the record describes."""
+    for name, value in given.items():
+        theirs = config_name(recorded) if name == "model" else recorded.get(name, value)
+        if theirs != value:
+            flag = flag_name(name)
+            raise UserError(f"{flag} {value} does not match the checkpoint, which was trained with {flag} {theirs}; "
+                            f"drop {flag} ({remedy})")
+
+
 def load_weights(model, state_dict, what="checkpoint"):
     """load_state_dict(strict=True) with a one-line error naming both models and how they differ."""
     own = model.state_dict()

@@ -94,10 +94,12 @@ def load_model(args, device):
     loaded = checkpoint.load(ckpt)
     vae = args.vae or loaded.settings.get("vae")
     model_args = dict(loaded.model_args or _model_args_from_flags(args, loaded, vae))
+    if loaded.model_args:
+        given = {"model": args.model, "num_classes": args.num_classes, **cli.model_variant_args(args)}
+        checkpoint.refuse_contradictions(loaded.model_args, {k: v for k, v in given.items() if v is not None},
+                                         "sampling reads it from the checkpoint")
     if args.model is not None:
         model_args.update(model_args_for(args.model))
-    if loaded.model_args:
-        refuse_variant_overrides(loaded.model_args, cli.model_variant_args(args))
     model_args.update(cli.model_variant_args(args))
     if vae is None:  # a bare state_dict: 4 channels are SD-VAE latents
         vae = "ema" if model_args["in_channels"] == 4 else "none"
@@ -130,16 +132,6 @@ def load_model(args, device):
     if getattr(args, "compile", False):  # the fast mode, --compile; caching needs the blocks compiled apart
         compile_model(model, inference=True, blocks_only=getattr(args, "cache_interval", 1) > 1)
     return model.eval(), settings
-
-
-def refuse_variant_overrides(recorded, given):
-    """A checkpoint that records its variant is sampled as that variant: another value of a flag
-    such as --norm or --rope-base would run its weights as a different network, with no error."""
-    for name, value in given.items():
-        if name in recorded and recorded[name] != value:
-            flag = "--" + name.replace("_", "-")
-            raise cli.UserError(f"{flag} {value} does not match the checkpoint, which was trained with {flag} "
-                                f"{recorded[name]}; drop {flag} (sampling reads it from the checkpoint)")
 
 
 def scaled_size(size, factor):

@@ -183,7 +183,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, pixel_ckpt, capsys):
         (["--sampler", "ddim", "--num-sampling-steps", "300"], ["300", "ddim", '"ddimN"', "comma-separated"]),
         (["--num-sampling-steps", "0"], ["at least 1"]),
         (["--image-size", "9"], ["--image-size 9", "multiples of 2"]),
-        (["--model", "DiT-S/2"], ["checkpoint", "but the model built is DiT-S/2", "--model"]),
+        (["--model", "DiT-S/2"], ["--model DiT-S/2 does not match the checkpoint", "DiT-TestTiny/2", "drop --model"]),
         (["--model", "DiT-Q/2"], ["'DiT-Q/2'", "DiT-XL/2", "DiT-S/8"]),
     ]
     for extra, expected in cases:
