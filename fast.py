@@ -10,7 +10,7 @@ from errors import UserError
 from models import Mlp
 
 
-def compile_model(model, inference=False, blocks_only=False):
+def compile_model(model, inference=False, blocks_only=False, backend="inductor"):
     """The fast mode (--compile): the whole model through torch.compile, in place (calls of the
     model, forward_with_cfg's and DDP's included, run the compiled forward, and the state_dict
     keeps the release's names). The compiler fuses what the release runs as separate
@@ -23,19 +23,23 @@ def compile_model(model, inference=False, blocks_only=False):
     blocks_only compiles each block instead (regional compilation: the blocks share one graph,
     compiled in a fraction of the whole model's time): train.py's choice, where it measured as
     fast as the whole model, and block caching's, whose Python-side choice of the blocks to run
-    would make the whole-model graph recompile at every sampling step. The default (uncompiled) model
-    is untouched; compiled outputs match it to float32 rounding (tests/test_speed.py)."""
+    would make the whole-model graph recompile at every sampling step. Under DDP, Dynamo's DDP
+    optimizer is turned off for the process: it would split each compiled block at DDP's bucket
+    boundaries (a DiT-XL block into 3 graphs), while the blocks already give DDP its overlap.
+    The default (uncompiled) model is untouched; compiled outputs match it to float32 rounding
+    (tests/test_speed.py). backend: torch.compile's (tests count graphs with their own)."""
     for module in model.modules():
         if isinstance(module, Mlp):
             module.sigmoid_gelu = True
     if blocks_only:
+        torch._dynamo.config.optimize_ddp = False
         for block in model.blocks:
-            block.compile()
+            block.compile(backend=backend)
         return model
     if not (inference and next(model.parameters()).device.type == "cpu"):
-        model.compile()
+        model.compile(backend=backend)
         return model
-    compiled = torch.compile(model.forward)
+    compiled = torch.compile(model.forward, backend=backend)
 
     def frozen_forward(*args, **kwargs):
         # Dynamo reads `freezing` from the global config as it traces (torch.compile's options

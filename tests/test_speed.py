@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import cli
-import fast
+from fast import check_quantize, compile_model, quantize_model
 import models
 import sampling
 import train
@@ -67,10 +67,10 @@ def assert_same_gradients(fast, eager, x, t, y, drop):
 @pytest.mark.slow
 def test_compiled_model_matches_the_default_forward_and_gradients():
     x, t, y, drop = inputs()
-    eager, fast = random_model(), fast.compile_model(random_model())
+    eager, fast = random_model(), compile_model(random_model())
     assert_same_gradients(fast, eager, x, t, y, drop)
     assert fast.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep the release's names
-    blocks = fast.compile_model(random_model(), blocks_only=True)
+    blocks = compile_model(random_model(), blocks_only=True)
     assert_same_gradients(blocks, random_model(), x, t, y, drop)
 
 
@@ -79,7 +79,7 @@ def test_frozen_inference_model_matches_the_default_with_guidance():
     """Sampling's fast mode: the weights frozen into the graph (pre-packed for MKL), called through forward_with_cfg."""
     x, t, y, _ = inputs()
     eager = random_model().eval()
-    fast = fast.compile_model(random_model().eval(), inference=True)
+    fast = compile_model(random_model().eval(), inference=True)
     with torch.no_grad():
         close(fast(x, t, y), eager(x, t, y))
         close(fast.forward_with_cfg(x, t, y, 4.0), eager.forward_with_cfg(x, t, y, 4.0))
@@ -104,11 +104,11 @@ def test_sigmoid_gelu_matches_the_tanh_gelu_and_its_gradient():
 
 
 def test_compile_model_compiles_the_model_or_only_its_blocks():
-    whole = fast.compile_model(tiny(input_size=8, in_channels=4, num_classes=10))
+    whole = compile_model(tiny(input_size=8, in_channels=4, num_classes=10))
     assert whole._compiled_call_impl is not None and whole.blocks[0]._compiled_call_impl is None
     assert all(block.mlp.sigmoid_gelu for block in whole.blocks)
     assert not models.Mlp.sigmoid_gelu  # the default path keeps the release's tanh-GELU
-    blocks = fast.compile_model(tiny(input_size=8, in_channels=4, num_classes=10), blocks_only=True)
+    blocks = compile_model(tiny(input_size=8, in_channels=4, num_classes=10), blocks_only=True)
     assert all(block._compiled_call_impl is not None for block in blocks.blocks)
     assert blocks._compiled_call_impl is None and blocks.final_layer._compiled_call_impl is None
 
@@ -140,7 +140,7 @@ def test_int8_mode_stays_within_its_tolerance():
     """--quantize int8: every Linear quantized (the convolution, embeddings and norms stay fp32), and the
     outputs near the default's but not equal to them."""
     x, t, y, _ = inputs()
-    eager, int8 = random_model().eval(), fast.quantize_model(random_model().eval())
+    eager, int8 = random_model().eval(), quantize_model(random_model().eval())
     linears = [name for name, module in eager.named_modules() if type(module) is nn.Linear]
     assert linears and all(isinstance(int8.get_submodule(name), torch.ao.nn.quantized.dynamic.Linear)
                            for name in linears)
@@ -156,8 +156,8 @@ def test_int8_mode_compiles():
     """--quantize int8 --compile: the frozen graph calls the same int8 kernels (an input rounded to the next
     int8 level here and there is all that may differ)."""
     x, t, y, _ = inputs()
-    int8 = fast.quantize_model(random_model().eval())
-    fast = fast.compile_model(fast.quantize_model(random_model().eval()), inference=True)
+    int8 = quantize_model(random_model().eval())
+    fast = compile_model(quantize_model(random_model().eval()), inference=True)
     with torch.no_grad():
         assert rms_error(fast.forward_with_cfg(x, t, y, 4.0), int8.forward_with_cfg(x, t, y, 4.0)) < 0.01
 
@@ -215,8 +215,8 @@ def test_sample_ddp_keeps_int8_samples_apart(pixel_ckpt, tmp_path):
                                                         ("cpu", "fp16", "drop --precision fp16")])
 def test_int8_mode_refuses_what_it_cannot_run(device, precision, message):
     with pytest.raises(cli.UserError, match=message):
-        fast.check_quantize("int8", device, precision)
-    fast.check_quantize("none", device, precision)  # the default asks nothing
+        check_quantize("int8", device, precision)
+    check_quantize("none", device, precision)  # the default asks nothing
 
 
 def adamw_steps(kernel):
@@ -319,3 +319,33 @@ def test_bench_gpu_tiny_cpu_mode(tmp_path):
     assert row["mfu"] > 0 and row["precision"] == "fp32" and not row["compile"]  # the CPU defaults
     assert row["sample_images_per_sec"]["ddpm-3"] > 0 and row["sample_images_per_sec"]["dpm-solver-5"] > 0
     assert "DiT-S/8" in result.stdout and "MFU" in result.stdout
+
+
+def test_regionally_compiled_blocks_stay_one_graph_under_ddp(tmp_path):
+    """train.py --compile compiles each block (compile_model blocks_only) before DDP wraps the model.
+    Dynamo's DDP optimizer would split a block's graph at every bucket boundary (3 graphs for this
+    12 MB block at 5 MB buckets); compile_model turns it off, so the block stays one graph. Counted
+    with a backend that records the graphs it is given (a one-rank gloo group stands in for the ranks)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    before = torch._dynamo.config.optimize_ddp
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.DiT(input_size=4, patch_size=2, hidden_size=512, depth=2, num_heads=8, num_classes=5)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        compile_model(model, blocks_only=True, backend=counting_backend)
+        ddp = DDP(model, bucket_cap_mb=5)
+        ddp(torch.randn(2, 4, 4, 4), torch.tensor([1, 500]), torch.tensor([0, 1])).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.config.optimize_ddp = before
+        torch._dynamo.reset()
+    assert len(graphs) == 1  # both blocks run the one graph: no split, no recompilation
