@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from cli import UserError
+import cli
+from errors import UserError
 
 LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
 DOWNSAMPLE = 8  # image size / latent size
@@ -48,9 +49,12 @@ def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32, tiling
 
 
 @torch.no_grad()
-def encode_distribution(vae, images):
-    """Mean and standard deviation of the encoder's Gaussian for images in [-1, 1] (unscaled)."""
-    dist = vae.encode(images.to(vae.dtype)).latent_dist
+def encode_distribution(vae, images, precision="fp32"):
+    """Mean and standard deviation of the encoder's Gaussian for images in [-1, 1] (unscaled), float32.
+    precision bf16 or fp16 runs the encoder under autocast (train.py --vae-precision): on GPUs several
+    times faster than float32, the latents then off by the low precision's rounding (docs/speed.md)."""
+    with cli.autocast(precision, images.device):
+        dist = vae.encode(images.to(vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 
