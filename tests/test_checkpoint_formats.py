@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import cli
+import interop
 import sample
 import sampling
 import tiny_dit
@@ -111,13 +112,13 @@ def our_model(ckpt):
 @torch.no_grad()
 def test_diffusers_transformer_computes_our_dit_conditional_and_null_label(latent_ckpt):
     model, loaded = our_model(latent_ckpt)
-    transformer = checkpoint.to_diffusers_transformer(loaded.state_dict, loaded.model_args)
+    transformer = interop.to_diffusers_transformer(loaded.state_dict, loaded.model_args)
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0, 1, 250, 500, 999, 999])
     y = torch.tensor([0, 3, 999, NULL, NULL, 7])
     ours = model(x, t, y)
     stock = transformer(x, timestep=t, class_labels=y).sample
-    checkpoint.use_original_timestep_frequencies(transformer)
+    interop.use_original_timestep_frequencies(transformer)
     assert ours.abs().max() > 0.1 and ours[:, 4:].abs().max() > 0.1  # noise and sigma halves both non-trivial
     assert_close(transformer(x, timestep=t, class_labels=y).sample, ours)
     # diffusers' own timestep frequencies (10000**(-i/127)) agree at t = 0 only: the documented difference.
@@ -133,7 +134,7 @@ def test_export_loads_in_dit_pipeline_and_samples_our_ddim_latents(pipeline_fold
     pipe = DiTPipeline.from_pretrained(pipeline_folder)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    checkpoint.use_original_timestep_frequencies(pipe.transformer)
+    interop.use_original_timestep_frequencies(pipe.transformer)
     decoded_latents = []
     decode = pipe.vae.decode
     pipe.vae.decode = lambda z, *a, **k: decoded_latents.append(z) or decode(z, *a, **k)
@@ -174,11 +175,11 @@ def test_diffusers_folder_loads_back_to_the_original_weights(pipeline_folder, la
 def test_the_exported_scheduler_has_our_betas_and_reads_back(diffusion_args):
     from diffusion import create_diffusion
 
-    scheduler = checkpoint.scheduler_for(diffusion_args)
+    scheduler = interop.scheduler_for(diffusion_args)
     ours = torch.tensor(create_diffusion("", **diffusion_args).betas, dtype=torch.float32)
     torch.testing.assert_close(scheduler.betas, ours, rtol=1e-5, atol=1e-8)
     config = dict(scheduler.config)
-    assert checkpoint.diffusion_args_from_scheduler(config, diffusion_args["learn_sigma"], "x") == diffusion_args
+    assert interop.diffusion_args_from_scheduler(config, diffusion_args["learn_sigma"], "x") == diffusion_args
 
 
 def test_export_refuses_what_dit_pipeline_cannot_hold(tmp_path, pipeline_folder, latent_ckpt):
