@@ -3,7 +3,7 @@
 checkpoint.py reads every checkpoint format and hands diffusers folders and hub ids to
 load_diffusers here; `python checkpoint.py export CKPT DIR` writes a pipeline through
 write_pipeline. This module converts plain values (a state_dict, DiT's model_args, the
-diffusion_args of create_process) and knows nothing of checkpoint files.
+diffusion_args of create_process): our checkpoint files are checkpoint.py's.
 
     pipe = DiTPipeline.from_pretrained("dit-pipeline")           # written by checkpoint.py export
     use_original_timestep_frequencies(pipe.transformer)          # exactly DiT's function (see below)
@@ -134,7 +134,7 @@ def check_shared_embedders(theirs, depth, source):
                                     f"DiT shares one embedder across blocks, so it cannot be converted")
 
 
-# ------------------------------------------------------------------ configs
+# ------------------------------------------------------------------ configs and the transformer
 def diffusers_config(model_args):
     """DiTTransformer2DModel's constructor arguments for our (complete) model_args, refusing what it lacks."""
     if model_args.get("block", "adaLN-Zero") != "adaLN-Zero":
