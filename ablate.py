@@ -38,6 +38,7 @@ import numpy as np
 
 import files
 from cli import UserError, run
+from flops import params_and_gflops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DIGITS = "data/digits"
@@ -302,7 +303,6 @@ def read_metrics(variant):
 
 def collect(args, variant, scores):
     """Everything the figure and table show of one variant; scores: {cfg_scale: {step: digit scores}}."""
-    from benchmarks.flops import params_and_gflops
     from checkpoint import load_train
 
     records = read_metrics(variant)

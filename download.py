@@ -1,13 +1,17 @@
 """The released DiT weights: downloading them, and `find_model` as the reference has it.
 
 `find_model(name_or_path)` returns a state_dict: a released name (DiT-XL-2-256x256.pt,
-DiT-XL-2-512x512.pt) is downloaded once into pretrained_models/, anything else is read by
-checkpoint.py (a train.py checkpoint yields its EMA weights). Every load goes through
-torch.load(weights_only=True), so a file carrying pickled code is refused before any of it runs.
+DiT-XL-2-512x512.pt) is downloaded once into pretrained_models/, a path is read as the reference
+reads it (a train.py checkpoint yields its EMA weights; checkpoint.load reads every other format).
+Every load goes through torch.load(weights_only=True), so a file carrying pickled code is refused
+before any of it runs.
 
-Downloads go to `<name>.part` and are renamed only once complete, with the size the server
-announced; an interrupted download resumes from the partial file (or restarts if the server
-cannot resume). Set DIT_MODELS_URL to fetch from a mirror instead of the original host.
+Downloads go to `<name>.<host>-<pid>-<random>.part` (one per process, so concurrent downloaders
+never write into one file) and are renamed only once complete, with the size the server
+announced, and checked to be PyTorch weights (a mirror's HTML error page is refused, and weights
+already in pretrained_models/ that fail the check are fetched again). An interrupted download
+resumes from the partial file a finished process left (or restarts if the server cannot resume).
+Set DIT_MODELS_URL to fetch from a mirror instead of the original host.
 
     python download.py                           # fetch all released weights (both resolutions)
     python download.py DiT-XL/2                  # the same, named as the tutorials do
@@ -18,16 +22,24 @@ cannot resume). Set DIT_MODELS_URL to fetch from a mirror instead of the origina
 a run can tell when the file behind a path was replaced.
 """
 import argparse
+import glob
 import hashlib
 import http.client
 import os
 import re
+import secrets
+import socket
+import sys
+import time
 import urllib.error
 import urllib.request
+import zipfile
 
+import torch
 from tqdm.auto import tqdm
 
 import cli
+import files
 
 RELEASED_MODELS = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 RELEASED_CONFIG = "DiT-XL/2"  # the one config with released weights, at these image sizes:
@@ -100,15 +112,26 @@ def download_model(name, root=PRETRAINED_DIR, timeout=60):
                             f"or pass a local checkpoint path")
     path = os.path.join(root, name)
     if os.path.isfile(path):
-        return path
+        problem = _weights_problem(path)
+        if problem is None:
+            return path
+        print(f"{path} holds {problem}, not the weights: fetching it again", file=sys.stderr)
+        os.remove(path)
     os.makedirs(root, exist_ok=True)
-    url, part = model_url(name), path + ".part"
+    url, part = model_url(name), _claim_partial(path, timeout)
+    _fetch(url, part, timeout)
+    _check_download(url, part, name)
+    os.replace(part, path)
+    return path
+
+
+def _fetch(url, part, timeout):
+    """Fetch `url` into `part`, resuming up to ATTEMPTS times; one line when it cannot."""
     reason = None
     for _ in range(ATTEMPTS):
         try:
             _fetch_once(url, part, timeout)
-            os.replace(part, path)
-            return path
+            return
         except _Interrupted:
             have = os.path.getsize(part) if os.path.exists(part) else 0
             reason = f"the transfer stopped after {have} bytes"
@@ -121,12 +144,106 @@ def download_model(name, root=PRETRAINED_DIR, timeout=60):
                         f"or pass --ckpt PATH to weights you already have")
 
 
+def _check_download(url, part, name):
+    """Refuse (deleting it) a complete download that is not weights: a mirror answering 200 with
+    an HTML page must not be saved as the weights and kept by every later run."""
+    problem = _weights_problem(part)
+    if problem is None:
+        return
+    os.remove(part)
+    raise DownloadError(f"{url} sent {problem}, not the weights; check that {MIRROR_ENV} (now "
+                        f"{os.environ.get(MIRROR_ENV) or 'unset'}) is a folder serving {name}, or pass --ckpt PATH "
+                        f"to weights you already have")
+
+
+def _weights_problem(path):
+    """What `path` holds when it is not released weights, else None. Weights are a non-empty dict of
+    tensors under torch.load(weights_only=True); download.py records no checksums of the released
+    files, so this is the check. A zip-format file is memory-mapped: checking gigabytes reads little."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a non-PyTorch file
+        return f"{os.path.getsize(path)} bytes that are not a PyTorch file (starting {_first_bytes(path)!r})"
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        return f"a PyTorch file holding {_summary(weights)}, not a state_dict of tensors"
+    return None
+
+
+def _first_bytes(path, count=48):
+    with open(path, "rb") as f:
+        return f.read(count).decode("utf-8", errors="replace")
+
+
+def _summary(value):
+    if isinstance(value, dict) and value:
+        return f"a dict with keys {', '.join(map(str, list(value)[:4]))}"
+    return "an empty dict" if isinstance(value, dict) else f"a {type(value).__name__}"
+
+
+def _claim_partial(path, timeout):
+    """This process's own .part name for `path`, holding the largest partial download that an
+    earlier process left behind (so the transfer resumes from it). The other leftovers are
+    deleted; a partial whose writer may still be running is left alone."""
+    mine = f"{path}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.part"
+    leftovers = [p for p in glob.glob(glob.escape(path) + ".*part") if _abandoned(p, path, timeout)]
+    claimed = False
+    for leftover in sorted(leftovers, key=_size, reverse=True):
+        try:
+            if claimed:
+                os.remove(leftover)
+            else:
+                os.rename(leftover, mine)  # atomic: of two processes claiming one file, one gets it
+                claimed = True
+        except FileNotFoundError:
+            continue  # another downloader claimed or removed it first
+    return mine
+
+
+def _abandoned(partial, path, timeout):
+    """Whether nobody writes `partial` any more: the older code's `<name>.part`; or one untouched for
+    longer than a stalled transfer waits; or one of this host whose process has ended (or is this
+    one: downloads within a process run one after the other)."""
+    if partial == path + ".part":
+        return True
+    owner = partial[len(path) + 1:-len(".part")].rsplit("-", 2)
+    if len(owner) != 3 or not owner[1].isdigit():
+        return False  # not a name this module writes
+    try:
+        if time.time() - os.path.getmtime(partial) > timeout:
+            return True
+    except FileNotFoundError:
+        return False
+    host, pid = owner[0], int(owner[1])
+    return host == socket.gethostname() and (pid == os.getpid() or not _process_alive(pid))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return -1
+
+
 def find_model(name_or_path):
     """The state_dict to sample with, as the reference's find_model: released weights by name
-    (pretrained_models/ first, else downloaded), or any checkpoint checkpoint.load reads."""
-    import checkpoint  # lazily: checkpoint imports this module for the released weights
-
-    return checkpoint.load(name_or_path).state_dict
+    (pretrained_models/ first, else downloaded), else the file at the path; a train.py checkpoint
+    gives its EMA weights (as sampling does: the paper samples from the EMA). For .safetensors files
+    and diffusers folders use checkpoint.load(name_or_path).state_dict."""
+    path = os.fspath(name_or_path)
+    if path in RELEASED_MODELS and not os.path.isfile(path):
+        path = download_model(path)
+    ckpt = files.load_torch(path, "checkpoint")
+    return ckpt["ema"] if isinstance(ckpt, dict) and "ema" in ckpt else ckpt
 
 
 def checkpoint_sha256(name_or_path):

@@ -28,7 +28,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
 import sampling  # noqa: E402

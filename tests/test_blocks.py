@@ -1,4 +1,4 @@
-"""The conditioning blocks (models.py `block=`), their Gflops (benchmarks/flops.py) and the
+"""The conditioning blocks (models.py `block=`), their Gflops (flops.py) and the
 ablation runner (ablate.py): each block trains, guides, checkpoints its activations and goes
 through train.py -> sample.py; the released adaLN-Zero model is unchanged (with
 tests/test_models.py, which checks it against the reference outputs)."""
@@ -11,10 +11,10 @@ import torch
 
 import ablate
 import cli
+import flops
 import sample
 import sampling
 import train
-from benchmarks import flops
 from conftest import (EXPERIMENT, assert_checkpointing_keeps_the_gradients, pixel_args, random_dit, run_main,
                       write_images)
 from diffusion import create_diffusion

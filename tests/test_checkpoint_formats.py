@@ -1,10 +1,13 @@
-""".safetensors and diffusers checkpoints (checkpoint.py): round trips that keep every weight,
-the same numbers from diffusers' DiTTransformer2DModel / DiTPipeline as from our DiT, a hub id
-served from an offline Hugging Face cache, and one-line errors."""
+""".safetensors and diffusers checkpoints (checkpoint.py, interop.py): round trips that keep every
+weight and the training objective, the same numbers from diffusers' DiTTransformer2DModel /
+DiTPipeline as from our DiT (eps and v), a hub id served from an offline Hugging Face cache, and
+one-line errors."""
 import json
 import os
 import subprocess
 import sys
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -12,10 +15,12 @@ import torch
 
 import checkpoint
 import cli
+import interop
 import sample
 import sampling
 import tiny_dit
 import tiny_vae
+import train
 import vae as vae_lib
 from conftest import ROOT
 from conftest import assert_close_to_golden as assert_close  # rtol 1e-4, atol 1e-5 x magnitude
@@ -31,6 +36,23 @@ def latent_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("latent") / "tiny.pt"
     tiny_dit.write_checkpoint(path, image_size=64, num_classes=1000)
     return str(path)
+
+
+def write_objective_checkpoint(path, objective, num_classes=1000):
+    """A train.py checkpoint of a tiny latent DiT (8x8 latents, 64 px) trained with `objective`: its
+    model_args and diffusion_args as train.py records them (a flow model has no sigma channels)."""
+    kwargs = dict(input_size=8, in_channels=4, num_classes=num_classes, **train.objective_dit_args(
+        types.SimpleNamespace(objective=objective)))
+    process = train.diffusion_args_for(types.SimpleNamespace(objective=objective, t_sampling="uniform"))
+    torch.save({"model": tiny_dit.random_state_dict(1, **kwargs), "ema": tiny_dit.random_state_dict(0, **kwargs),
+                "opt": {}, "args": {"model": tiny_dit.TINY_MODEL, "image_size": 64, "vae": "ema"}, "train_steps": 10,
+                "epoch": 1, "model_args": dict(tiny_dit.tiny(**kwargs).model_args), "diffusion_args": process}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def v_ckpt(tmp_path_factory):
+    return write_objective_checkpoint(tmp_path_factory.mktemp("v") / "v.pt", "v")
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +133,13 @@ def our_model(ckpt):
 @torch.no_grad()
 def test_diffusers_transformer_computes_our_dit_conditional_and_null_label(latent_ckpt):
     model, loaded = our_model(latent_ckpt)
-    transformer = checkpoint.to_diffusers_transformer(loaded.state_dict, loaded.model_args)
+    transformer = interop.to_diffusers_transformer(loaded.state_dict, loaded.model_args)
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0, 1, 250, 500, 999, 999])
     y = torch.tensor([0, 3, 999, NULL, NULL, 7])
     ours = model(x, t, y)
     stock = transformer(x, timestep=t, class_labels=y).sample
-    checkpoint.use_original_timestep_frequencies(transformer)
+    interop.use_original_timestep_frequencies(transformer)
     assert ours.abs().max() > 0.1 and ours[:, 4:].abs().max() > 0.1  # noise and sigma halves both non-trivial
     assert_close(transformer(x, timestep=t, class_labels=y).sample, ours)
     # diffusers' own timestep frequencies (10000**(-i/127)) agree at t = 0 only: the documented difference.
@@ -125,15 +147,22 @@ def test_diffusers_transformer_computes_our_dit_conditional_and_null_label(laten
     assert (stock[2:] - ours[2:]).abs().amax(dim=(1, 2, 3)).min() > 1e-2
 
 
-def test_export_loads_in_dit_pipeline_and_samples_our_ddim_latents(pipeline_folder, vae_folder):
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_export_samples_in_dit_pipeline_as_our_ddim_does_on_the_original(objective, request, tmp_path, vae_folder):
     """The same noise and DDIM steps with guidance: DiTPipeline (diffusers' scheduler and
-    transformer) against sampling.generate (our sampler and DiT), latents and decoded images."""
+    transformer) on the export against sampling.generate (our sampler and DiT) on the original
+    checkpoint, latents and decoded images, within assert_close_to_golden's tolerance (rtol 1e-4,
+    atol 1e-5 x magnitude). A v model's scheduler predicts v; loading the folder (or a
+    .safetensors export) back gives the original process."""
     from diffusers import DDIMScheduler, DiTPipeline
 
-    pipe = DiTPipeline.from_pretrained(pipeline_folder)
+    ckpt = request.getfixturevalue("latent_ckpt" if objective == "eps" else "v_ckpt")
+    folder = checkpoint.export_diffusers(ckpt, tmp_path / "pipeline", vae_path=vae_folder)
+    pipe = DiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    checkpoint.use_original_timestep_frequencies(pipe.transformer)
+    assert pipe.scheduler.config.prediction_type == {"eps": "epsilon", "v": "v_prediction"}[objective]
+    interop.use_original_timestep_frequencies(pipe.transformer)
     decoded_latents = []
     decode = pipe.vae.decode
     pipe.vae.decode = lambda z, *a, **k: decoded_latents.append(z) or decode(z, *a, **k)
@@ -141,14 +170,47 @@ def test_export_loads_in_dit_pipeline_and_samples_our_ddim_latents(pipeline_fold
     images = pipe(labels, guidance_scale=4.0, num_inference_steps=steps, output_type="pt",
                   generator=torch.Generator().manual_seed(seed)).images
 
-    model, loaded = our_model(pipeline_folder)
+    model, original = our_model(ckpt)
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-    sampler = sampling.make_sampler("ddim", steps, loaded.diffusion_args)
+    sampler = sampling.make_sampler("ddim", steps, original.diffusion_args)
     latents = sampling.generate(model, sampler, labels, 4.0, noise, guide_all_channels=True)
     assert latents.abs().max() > 0.5
     assert_close(decoded_latents[0] * pipe.vae.config.scaling_factor, latents)
     ours = vae_lib.decode(vae_lib.load_vae("ema", vae_folder), latents)
     assert_close(images, (ours / 2 + 0.5).clamp(0, 1))
+    assert checkpoint.load(folder).diffusion_args == original.diffusion_args
+    st = checkpoint.export_safetensors(ckpt, tmp_path / "dit.safetensors")
+    assert checkpoint.load(st).diffusion_args == original.diffusion_args
+
+
+def test_a_flow_model_is_refused_by_the_diffusers_export_and_kept_by_safetensors(tmp_path, vae_folder):
+    flow = write_objective_checkpoint(tmp_path / "flow.pt", "flow")
+    message = one_error_line(checkpoint.main, ["export", flow, str(tmp_path / "pipeline"), "--vae-path", vae_folder])
+    assert "flow" in message and "DiTPipeline" in message and ".safetensors instead" in message
+    assert os.listdir(tmp_path) == ["flow.pt"]
+    checkpoint.main(["export", flow, str(tmp_path / "flow.safetensors")])
+    assert checkpoint.load(str(tmp_path / "flow.safetensors")).diffusion_args == checkpoint.load(flow).diffusion_args
+
+
+def test_an_export_with_other_than_1000_classes_prints_the_call_that_works(tmp_path, vae_folder, capsys):
+    """DiTPipeline's null label is 1000: a 10-class DiT samples in it only without guidance. One
+    line of ours on stderr (no Python warning) gives the call, and that call works."""
+    from diffusers import DiTPipeline
+
+    ckpt = write_objective_checkpoint(tmp_path / "ten.pt", "eps", num_classes=10)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = checkpoint.export_diffusers(ckpt, tmp_path / "pipeline", vae_path=vae_folder)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "null class" in line]
+    assert len(notes) == 1 and notes[0].startswith("note:"), notes
+    assert "10 classes" in notes[0] and "guidance_scale=1" in notes[0]
+    assert not [w for w in caught if "null class" in str(w.message)]
+    call = notes[0][notes[0].index("DiTPipeline.from_pretrained("):]
+    assert call == f"DiTPipeline.from_pretrained({folder!r})(class_labels=[0], guidance_scale=1)"
+    images = DiTPipeline.from_pretrained(folder)(class_labels=[0, 9], guidance_scale=1, num_inference_steps=2,
+                                                 output_type="pt").images
+    assert images.shape == (2, 3, 64, 64)
 
 
 def test_diffusers_folder_loads_back_to_the_original_weights(pipeline_folder, latent_ckpt, vae_folder):
@@ -174,11 +236,11 @@ def test_diffusers_folder_loads_back_to_the_original_weights(pipeline_folder, la
 def test_the_exported_scheduler_has_our_betas_and_reads_back(diffusion_args):
     from diffusion import create_diffusion
 
-    scheduler = checkpoint.scheduler_for(diffusion_args)
+    scheduler = interop.scheduler_for(diffusion_args)
     ours = torch.tensor(create_diffusion("", **diffusion_args).betas, dtype=torch.float32)
     torch.testing.assert_close(scheduler.betas, ours, rtol=1e-5, atol=1e-8)
     config = dict(scheduler.config)
-    assert checkpoint.diffusion_args_from_scheduler(config, diffusion_args["learn_sigma"], "x") == diffusion_args
+    assert interop.diffusion_args_from_scheduler(config, diffusion_args["learn_sigma"], "x") == diffusion_args
 
 
 def test_export_refuses_what_dit_pipeline_cannot_hold(tmp_path, pipeline_folder, latent_ckpt):

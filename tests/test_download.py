@@ -1,17 +1,24 @@
 """download.py: released weights from a loopback HTTP server (resume after a cut, restart when the
-server cannot resume, no network), train.py checkpoints, and refusal of pickled code."""
+server cannot resume, no network, a mirror's error page refused, partial files per process),
+train.py checkpoints, refusal of pickled code, and no import circle through download.py."""
+import ast
+import glob
 import hashlib
 import http.server
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
 
 import cli
 import download
+from conftest import ROOT
 
 NAME = "DiT-XL-2-256x256.pt"
 
@@ -79,6 +86,10 @@ def serve(monkeypatch, tmp_path):
         server.close()
 
 
+def partials():
+    return glob.glob(os.path.join("pretrained_models", "*.part"))
+
+
 def test_download_once_then_reuse(serve, weights):
     state_dict, payload = weights
     server = serve(payload)
@@ -97,7 +108,7 @@ def test_cut_transfer_resumes_from_the_partial_file(serve, weights):
     with open(path, "rb") as f:
         assert f.read() == payload
     assert server.requests[0][1] is None and server.requests[1][1] == f"bytes={len(payload) // 2}-"
-    assert not os.path.exists(path + ".part")
+    assert partials() == []
 
 
 def test_interrupted_download_is_never_renamed_and_resumes_on_the_next_run(serve, weights):
@@ -109,7 +120,9 @@ def test_interrupted_download_is_never_renamed_and_resumes_on_the_next_run(serve
     assert "run again to resume" in message and download.MIRROR_ENV in message and "--ckpt" in message
     assert "\n" not in message
     assert not os.path.exists(os.path.join("pretrained_models", NAME))
-    have = os.path.getsize(os.path.join("pretrained_models", NAME + ".part"))
+    [part] = partials()
+    assert f"-{os.getpid()}-" in part  # this process's own name
+    have = os.path.getsize(part)
     assert 0 < have < len(payload)
 
     server.mode = "ok"
@@ -228,3 +241,114 @@ def test_checkpoint_hash_streams_files_and_resolves_released_names(serve, weight
     (tmp_path / "folder" / "sub" / "a.bin").write_bytes(b"abd")
     assert download.checkpoint_sha256("folder") != before
     assert download.checkpoint_sha256("facebook/DiT-XL-2-256") is None  # a hub id: no local file to hash
+
+
+# ------------------------------------------------------------------ checking what came back
+HTML = b"<!DOCTYPE html>\n<html><body>Mirror maintenance: back soon</body></html>\n"
+
+
+def test_a_mirror_answering_200_with_a_web_page_is_refused_and_nothing_is_kept(serve, weights, capsys):
+    _, payload = weights
+    server = serve(HTML)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: download.main([NAME]))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1, errors  # (the rest is the progress bar)
+    err = errors[0]
+    assert f"{server.url}/{NAME}" in err and f"{len(HTML)} bytes" in err and "<!DOCTYPE html>" in err, err
+    assert download.MIRROR_ENV in err and "--ckpt" in err
+    assert os.listdir("pretrained_models") == []  # neither the page under the weights' name nor a .part
+
+    server.payload = payload  # the mirror is fixed: the next run fetches the weights
+    with open(download.download_model(NAME), "rb") as f:
+        assert f.read() == payload
+
+
+@pytest.mark.parametrize("bad", ["eight_bytes", "html", "list"])
+def test_bad_weights_already_in_place_are_fetched_again(serve, weights, capsys, tmp_path, bad):
+    state_dict, payload = weights
+    server = serve(payload)
+    os.makedirs("pretrained_models")
+    target = os.path.join("pretrained_models", NAME)
+    if bad == "list":
+        torch.save([torch.ones(1)], target)
+    else:
+        with open(target, "wb") as f:
+            f.write(b"12345678" if bad == "eight_bytes" else HTML)
+    loaded = download.find_model(NAME)
+    assert torch.equal(loaded["w"], state_dict["w"]) and len(server.requests) == 1
+    err = capsys.readouterr().err
+    assert f"{target} holds" in err and "fetching it again" in err, err
+    download.find_model(NAME)  # now good: neither fetched nor reported again
+    assert len(server.requests) == 1 and "fetching" not in capsys.readouterr().err
+
+
+def test_each_process_downloads_into_its_own_part_file(serve, weights):
+    """A partial file of a live downloader is left alone; one of a process that has ended is
+    resumed from (and the other leftovers deleted)."""
+    _, payload = weights
+    server = serve(payload)
+    os.makedirs("pretrained_models")
+    path = os.path.join("pretrained_models", NAME)
+    host = socket.gethostname()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    live = f"{path}.{host}-{os.getppid()}-0a0a0a0a.part"  # our parent process: alive, writing just now
+    dead, smaller = f"{path}.{host}-{ended.pid}-0b0b0b0b.part", f"{path}.{host}-{ended.pid}-0c0c0c0c.part"
+    for name, data in ((live, b"live writer's bytes"), (dead, payload[:1000]), (smaller, payload[:10])):
+        with open(name, "wb") as f:
+            f.write(data)
+    claimed = download._claim_partial(path, 60)
+    assert f"-{os.getpid()}-" in claimed and os.path.getsize(claimed) == 1000  # the larger leftover
+    assert not os.path.exists(dead) and not os.path.exists(smaller)
+    again = download._claim_partial(path, 60)  # a later download of this process takes it over
+    assert again != claimed and not os.path.exists(claimed) and os.path.getsize(again) == 1000
+    os.rename(again, dead)  # as the ended process left it
+
+    with open(download.download_model(NAME), "rb") as f:
+        assert f.read() == payload
+    assert server.requests == [(f"/models/{NAME}", "bytes=1000-")]  # resumed from the ended process's file
+    with open(live, "rb") as f:
+        assert f.read() == b"live writer's bytes"
+    os.utime(live, (time.time() - 120, time.time() - 120))  # untouched for longer than a stalled transfer waits
+    assert download._claim_partial(path, 60) and not os.path.exists(live)
+
+
+# ------------------------------------------------------------------ the import graph
+def project_imports():
+    """{module: the project modules it imports (and benchmarks/)} for the repository's top-level
+    modules and packages, counting imports anywhere in a file (in functions too: a lazy import still ties
+    two modules together)."""
+    files = {p.stem: [p] for p in ROOT.glob("*.py")}
+    files.update({p.parent.name: sorted(p.parent.rglob("*.py")) for p in ROOT.glob("*/__init__.py")})
+    graph = {}
+    for module, paths in files.items():
+        imported = set()
+        for node in (n for path in paths for n in ast.walk(ast.parse(path.read_text()))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        graph[module] = (imported & (set(files) | {"benchmarks"})) - {module}
+    return graph
+
+
+def modules_in_a_cycle(graph):
+    """The modules from which some chain of imports leads back to themselves."""
+    def reachable(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph.get(module, ())
+        return seen
+    return {module for module in graph if module in reachable(module)}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = project_imports()
+    assert {"checkpoint", "download", "interop", "flops", "ablate", "models", "cli"} <= set(graph)
+    assert "checkpoint" not in graph["download"] and "checkpoint" not in graph["interop"]
+    assert modules_in_a_cycle(graph) == set()
+    assert [module for module in graph if "benchmarks" in graph[module]] == []  # ablate.py imported its flops.py

@@ -11,6 +11,7 @@ from timm.layers import RmsNorm, SwiGLU
 
 import checkpoint
 import cli
+import interop
 import sample
 import sampling
 import train
@@ -275,7 +276,7 @@ def test_older_checkpoints_get_the_release_options():
 def test_diffusers_export_refuses_what_dit_transformer_cannot_hold(option):
     model_args = checkpoint.complete_model_args({**DiT(**TINY, input_size=8).model_args, **option})
     with pytest.raises(cli.UserError, match="export it as .safetensors instead"):
-        checkpoint.diffusers_config(model_args)
+        interop.diffusers_config(model_args)
 
 
 @pytest.fixture(scope="module")

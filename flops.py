@@ -5,20 +5,17 @@ The paper (Peebles & Xie, Table 4) counts one multiply-add as one flop, for one 
 halved. The models are built on the meta device: nothing is allocated or computed, so even
 DiT-XL/2 takes a second.
 
-    python benchmarks/flops.py                                    # the paper's configs, every block
-    python benchmarks/flops.py --models DiT-XL/2 --blocks adaLN-Zero,cross-attention
-    python benchmarks/flops.py --models DiT-T/2 --image-size 8 --vae none --in-channels 1 --num-classes 10
+    python flops.py          # the paper's configs, every block
+    python flops.py --models DiT-XL/2 --blocks adaLN-Zero,cross-attention
+    python flops.py --models DiT-T/2 --image-size 8 --vae none --in-channels 1 --num-classes 10
 """
 import argparse
-import os
-import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import UserError, run  # noqa: E402
-from models import BLOCKS, DiT, input_hw, model_args_for  # noqa: E402
+from cli import UserError, run
+from models import BLOCKS, DiT, DiT_models, input_hw, model_args_for
 
 # Table 4 of the paper (adaLN-Zero, 256x256): the reference the counts are checked against.
 PAPER_GFLOPS = {"DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/2": 23.01, "DiT-L/2": 80.70,
@@ -70,8 +67,6 @@ def split_names(text, allowed, what):
 
 
 def main(argv=None):
-    import models
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(PAPER_GFLOPS), help="comma-separated configs")
     parser.add_argument("--blocks", default=",".join(BLOCKS), help="comma-separated conditioning blocks")
@@ -80,7 +75,7 @@ def main(argv=None):
     parser.add_argument("--in-channels", type=int, default=3, help="with --vae none")
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
-    names = split_names(args.models, list(models.DiT_models), "model")
+    names = split_names(args.models, list(DiT_models), "model")
     blocks = split_names(args.blocks, BLOCKS, "block")
     latent = args.vae == "sd"
     print(markdown(rows(names, blocks, args.image_size // 8 if latent else args.image_size,
