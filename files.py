@@ -73,8 +73,8 @@ def check_output_file(path, what):
     """Refuse, before any work, a file to be written whose path is a folder or lies under a file."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{what} {path!r} is a folder, not a file; give a file path inside it "
-                                f"(e.g. {os.path.join(path, 'out' + os.path.splitext(path)[1])})")
+        raise IsADirectoryError(f"{what} {path!r} is a folder, not a file; give the path of a file (inside that "
+                                f"folder if you like)")
     _check_parents_are_folders(path, what)
 
 
