@@ -184,11 +184,13 @@ def test_a_decompression_bomb_is_skipped_like_an_unreadable_image(tmp_path, monk
 def test_bad_extraction_flags_are_refused_before_the_work(tmp_path, capsys):
     images = write_images(tmp_path / "images", per_class=2, classes=2, size=32, mode="RGB")
     with pytest.raises(SystemExit) as info:
-        extract_features.main(["--data-path", str(images), "--feature-path", str(tmp_path / "f"), "--num-workers", "-1"])
+        extract_features.main(["--data-path", str(images), "--feature-path", str(tmp_path / "f"),
+                               "--num-workers", "-1"])
     assert info.value.code == 2 and "--num-workers: must be 0 or more, got -1" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as info:
         cli.run(lambda: extract_features.main(["--data-path", str(images), "--feature-path", str(tmp_path / "a_file"),
                                                "--vae-path", str(tmp_path / "no_vae_needed_yet")]))
     err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1 and "--feature-path" in err and "is a file, not a folder" in err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "--feature-path" in err and "is a file, not a folder" in err
