@@ -17,10 +17,12 @@ venv: $(VENV)/.complete
 
 # No prerequisite: the folder name already changes with requirements.txt, and a fresh clone's
 # newer file times must not trigger a rebuild.
+# The first run installs for a few minutes: say so, and let pip show what it fetches.
 $(VENV)/.complete:
+	@echo "setting up the environment (once) in $(VENV)"
 	rm -rf $(VENV) && python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -r requirements.txt
 	touch $@
 
 # The full suite first, then the ISA reruns (a recipe line, so the order holds under make -j too).

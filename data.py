@@ -4,11 +4,12 @@ Both datasets return unflipped samples; train.py draws the horizontal flip (and 
 from the stored encoder distribution) itself from a per-step seed, so a run resumed from a
 checkpoint, or split over a different number of processes, sees exactly the same data.
 
-Unreadable images: a file with an image extension that cannot be decoded is skipped with one
-warning naming it. Images held in memory are dropped from the data set at load time; images
-read from disk on the fly are replaced by the next readable image in the folder (so the data
-set keeps its length and order). Files without an image extension are ignored, with one
-warning that counts them.
+Unreadable images: a file with an image extension that cannot be decoded (or that PIL refuses as
+a decompression bomb) is skipped with one warning naming it. Images held in memory are dropped
+from the data set at load time; images read from disk on the fly are replaced by the next
+readable image in the folder (so the data set keeps its length and order). Files without an
+image extension are ignored, with one warning that counts them. Hidden files and folders (names
+starting with ".": a killed writer's temp files, editor and OS files) are not read at all.
 """
 import json
 import math
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, default_collate
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 import cli
 from cli import UserError
@@ -28,6 +29,9 @@ from files import load_torch
 
 IN_MEMORY_LIMIT = 1 << 30  # bytes: smaller image sets and feature sets are held in RAM
 FEATURES_META = "features.json"  # written last by extract_features.py: its presence means complete
+# What an image that cannot be used raises: PIL's UnidentifiedImageError and truncated files are
+# OSErrors; an image over PIL's pixel limit (Image.MAX_IMAGE_PIXELS, doubled) a DecompressionBombError.
+UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)
 
 
 def adm_center_crop(image, image_size):
@@ -45,7 +49,7 @@ def adm_center_crop(image, image_size):
 
 
 def load_image(path, image_size, channels=3):
-    """A cropped image as a uint8 (C, H, W) tensor; raises OSError when the file is unreadable."""
+    """A cropped image as a uint8 (C, H, W) tensor; raises one of UNREADABLE_IMAGE when it cannot be used."""
     with Image.open(path) as image:
         image = image.convert("RGB" if channels == 3 else "L")
     array = np.asarray(adm_center_crop(image, image_size))
@@ -57,6 +61,11 @@ def check_labels(num_found, num_classes, where):
     if num_classes is not None and num_found > num_classes:
         raise UserError(f"{where} has {num_found} classes, so labels reach {num_found - 1}, but --num-classes is "
                         f"{num_classes}; pass --num-classes {num_found} (or more)")
+
+
+def class_folders(root):
+    """The class sub-folders of an image folder, sorted (labels 0, 1, ...); hidden ones are not classes."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
 
 
 def batch_collate(batch):
@@ -76,27 +85,11 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"--data-path {root!r} is not a folder; point it at an image folder with one "
                                     f"sub-folder per class (e.g. imagenet/train)")
         self.root, self.image_size, self.channels, self.quiet = root, image_size, channels, quiet
-        try:
-            self.classes, class_to_idx = find_classes(root)
-        except FileNotFoundError:
+        self.classes = class_folders(root)
+        if not self.classes:
             raise UserError(f"--data-path {root!r} holds no class sub-folders; put the images in one sub-folder "
-                            f"per class (a single sub-folder for unlabelled data)") from None
-        ignored = []
-
-        def is_image(path):
-            if path.lower().endswith(IMG_EXTENSIONS):
-                return True
-            if not os.path.basename(path).startswith("."):
-                ignored.append(path)
-            return False
-
-        try:
-            samples = make_dataset(root, class_to_idx, is_valid_file=is_image)
-        except FileNotFoundError:
-            samples = []
-        if not samples:
-            raise UserError(f"--data-path {root!r} holds no images (extensions {', '.join(IMG_EXTENSIONS)}) in its "
-                            f"class sub-folders; check the path")
+                            f"per class (a single sub-folder for unlabelled data)")
+        samples, ignored = self._find_images()
         if ignored:
             self._warn(f"ignored {len(ignored)} file(s) without an image extension in {root}, e.g. {ignored[0]}")
         check_labels(len(self.classes), num_classes, f"--data-path {root!r}")
@@ -107,6 +100,35 @@ class ImageFolder(Dataset):
             in_memory = len(self.paths) * channels * math.prod(cli.height_width(image_size)) <= IN_MEMORY_LIMIT
         self.images = self._load_all() if in_memory else None
 
+    def _find_images(self):
+        """([(path, label)] in torchvision's order, [files without an image extension]); refuses a class
+        folder without images, naming it, as its label would never be trained."""
+        ignored, empty, samples = [], [], []
+        root_length = len(os.path.join(os.path.expanduser(self.root), "")) - 1  # as make_dataset joins paths
+
+        def is_image(path):
+            if os.sep + "." in path[root_length:]:  # a hidden file, or one inside a hidden folder
+                return False
+            if path.lower().endswith(IMG_EXTENSIONS):
+                return True
+            ignored.append(path)
+            return False
+
+        for label, name in enumerate(self.classes):  # class by class, to know which one is empty
+            try:
+                samples += make_dataset(self.root, {name: label}, is_valid_file=is_image)
+            except FileNotFoundError:
+                empty.append(name)
+        extensions = ", ".join(IMG_EXTENSIONS)
+        if not samples:
+            raise UserError(f"--data-path {self.root!r} holds no images (extensions {extensions}) in its "
+                            f"class sub-folders; check the path")
+        if empty:
+            others = f" (and {len(empty) - 1} other class folder(s))" if len(empty) > 1 else ""
+            raise UserError(f"class folder {os.path.join(self.root, empty[0])!r}{others} holds no images (extensions "
+                            f"{extensions}); add images to it or remove it, as each class folder is a label")
+        return samples, ignored
+
     def _warn(self, message):
         if not self.quiet:
             warnings.warn(message, stacklevel=3)
@@ -115,7 +137,7 @@ class ImageFolder(Dataset):
         def load(path):
             try:
                 return load_image(path, self.image_size, self.channels)
-            except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            except UNREADABLE_IMAGE as e:
                 self._warn(f"skipping unreadable image {path} ({e})")
                 return None
 
@@ -138,7 +160,7 @@ class ImageFolder(Dataset):
             i = (index + offset) % len(self.paths)
             try:
                 return load_image(self.paths[i], self.image_size, self.channels), self.labels[i]
-            except OSError as e:
+            except UNREADABLE_IMAGE as e:
                 if i not in self.warned:
                     self.warned.add(i)
                     self._warn(f"skipping unreadable image {self.paths[i]} ({e}); using the next image instead")

@@ -16,10 +16,13 @@ import time
 import numpy as np
 
 import cli
+import files
 from cli import UserError, run
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
+OWNER_MARK = ".digits-prepare"  # written before the first image: the folder is prepare's to fill
+DONE_MARK = ".complete"  # written after the last image
 
 
 def load_real_digits():
@@ -31,21 +34,54 @@ def load_real_digits():
     return images, data.target.astype(np.int64)
 
 
+def digit_paths(labels):
+    """Where prepare writes each digit, relative to the folder: <class>/<index>.png."""
+    return [os.path.join(str(label), f"{i:04d}.png") for i, label in enumerate(labels)]
+
+
 def prepare(out_dir):
-    """Write the digits as an ImageFolder (out_dir/<class>/<index>.png); skipped when complete."""
+    """Write the digits as an ImageFolder (out_dir/<class>/<index>.png); skipped when complete.
+    A folder holding anything prepare did not write is refused, so no one's files are overwritten
+    or mixed in with the digits; a rerun after a kill clears the temp files it left."""
     from PIL import Image
 
-    from files import save_image
-
     images, labels = load_real_digits()
-    done = os.path.join(out_dir, ".complete")
+    paths = digit_paths(labels)
+    check_out_folder(out_dir, paths)
+    for label in range(NUM_CLASSES):
+        if os.path.isdir(os.path.join(out_dir, str(label))):
+            files.remove_stale_temp_files(os.path.join(out_dir, str(label)))
+    done = os.path.join(out_dir, DONE_MARK)
     if os.path.exists(done):
         print(f"{out_dir}: {len(images)} digits already prepared")
         return
-    for i, (image, label) in enumerate(zip(images, labels)):
-        save_image(Image.fromarray(image, mode="L"), os.path.join(out_dir, str(label), f"{i:04d}.png"))
+    os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, OWNER_MARK), "w").close()
+    for image, path in zip(images, paths):
+        files.save_image(Image.fromarray(image, mode="L"), os.path.join(out_dir, path))
     open(done, "w").close()
     print(f"{out_dir}: wrote {len(images)} digits in {NUM_CLASSES} class folders")
+
+
+def check_out_folder(out_dir, paths):
+    """Refuse an --out that is a file, a non-empty folder prepare did not start, or one holding a file
+    prepare does not write (hidden files aside: the loaders skip them)."""
+    files.check_output_folder(out_dir, "--out")
+    if not os.path.isdir(out_dir):
+        return
+    visible = sorted(name for name in os.listdir(out_dir) if not name.startswith("."))
+    ours = any(os.path.exists(os.path.join(out_dir, mark)) for mark in (OWNER_MARK, DONE_MARK))
+    if visible and not ours:
+        raise UserError(f"--out {out_dir!r} already holds files digits.py prepare did not write (e.g. "
+                        f"{visible[0]}); give a new or empty folder, so none of yours is overwritten")
+    expected = set(paths)
+    for folder, subfolders, names in os.walk(out_dir):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(names):
+            path = os.path.relpath(os.path.join(folder, name), out_dir)
+            if not name.startswith(".") and path not in expected:
+                raise UserError(f"--out {out_dir!r} holds {path}, which digits.py prepare does not write; move it "
+                                f"out or give a new folder, so it is not mixed in with the digits")
 
 
 class DigitScorer:
@@ -87,6 +123,24 @@ class DigitScorer:
                               self.real_features.mean(0), np.cov(self.real_features, rowvar=False))
         return {"accuracy": float((predicted == labels).mean()), "per_class_accuracy": per_class,
                 "frechet_distance": float(fd), "num_samples": int(len(labels))}
+
+
+def check_digits_checkpoint(ckpt):
+    """Refuse, before sampling, a checkpoint whose samples the digit classifier cannot read: it rates
+    8x8 pixel-space images. Reads the checkpoint's records only; builds no model."""
+    import checkpoint
+
+    loaded = checkpoint.load(ckpt)
+    model_args = loaded.model_args or {}
+    vae = loaded.settings.get("vae")
+    latent = vae not in (None, "none") or model_args.get("in_channels") == 4  # SD-VAE latents have 4 channels
+    size = loaded.settings.get("image_size") or (None if latent else model_args.get("input_size"))
+    if latent or (size is not None and cli.height_width(size) != (IMAGE_SIZE, IMAGE_SIZE)):
+        what = f"{cli.size_text(size)} px " if size is not None else ""
+        what += f"latent-space (--vae {vae or 'ema'})" if latent else "pixel-space"
+        raise UserError(f"--ckpt {ckpt!r} is a {what} model, but digits.py score rates {IMAGE_SIZE}x{IMAGE_SIZE} "
+                        f"pixel-space digits (train with --vae none --image-size {IMAGE_SIZE}, as demo.sh does); "
+                        f"score other models with sample_ddp.py and evaluate.py")
 
 
 def score_checkpoint(args):
@@ -136,6 +190,7 @@ def main(argv=None):
         prepare(args.out)
     else:
         check_score_args(args)
+        check_digits_checkpoint(args.ckpt)
         score_checkpoint(args)
 
 

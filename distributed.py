@@ -19,25 +19,58 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def pick_device(name=None):
-    """torch.device from a --device flag ("auto"/None: CUDA when available, else CPU)."""
+def visible_cuda_devices():
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_device(name, cuda_count):
+    """torch.device for a --device flag ("auto"/None: CUDA when a device is visible, else CPU), checked
+    against the `cuda_count` visible CUDA devices. Pure: the caller passes in what the machine has."""
     if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        name = "cuda" if cuda_count else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not cuda_count:
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= cuda_count:
+        raise UserError(f"--device {name} asks for GPU {device.index} but only {cuda_count} CUDA device(s) are "
+                        f"visible (cuda:0 to cuda:{cuda_count - 1}); pick one of those")
+    return device
+
+
+def choose_device(name, environ, cuda_count):
+    """The device of this process for --device `name`, given the environment (`LOCAL_RANK` when
+    launched by torchrun) and the number of visible CUDA devices. Pure, so it is tested without a GPU.
+
+    Under torchrun each process takes GPU LOCAL_RANK (modulo the visible count); an explicit index
+    that says otherwise is refused. Outside torchrun an explicit index is honoured; plain cuda is GPU 0."""
+    device = parse_device(name, cuda_count)
+    if device.type != "cuda":
+        return device
+    local_rank = environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return torch.device("cuda", device.index or 0)
+    index = int(local_rank) % cuda_count
+    if device.index is not None and device.index != index:
+        raise UserError(f"--device {name} contradicts torchrun, which gives this process (LOCAL_RANK {local_rank}) "
+                        f"cuda:{index}; pass --device cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", index)
+
+
+def pick_device(name=None):
+    """torch.device from a --device flag, for a single process (auto: CUDA when available, else CPU)."""
+    return parse_device(name, visible_cuda_devices())
 
 
 def setup(device=None):
     """Join (or form) the process group; returns (rank, world_size, device)."""
-    device = pick_device(device)
+    device = choose_device(device, os.environ, visible_cuda_devices())
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
@@ -50,7 +83,9 @@ def setup(device=None):
 
 def share_cpu_threads(device, threads=0):
     """On CPU, processes on one machine split its cores instead of oversubscribing them;
-    `threads` > 0 sets the count. A lone process keeps torch's own setting."""
+    `threads` > 0 sets the count (0: automatic). A lone process keeps torch's own setting."""
+    if threads < 0:
+        raise UserError(f"--cpu-threads must be 0 (one share of the cores per process) or more, got {threads}")
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.type != "cpu" or (not threads and local_processes == 1):
         return

@@ -13,6 +13,8 @@ Both files are ADM-format .npz batches (arr_0: uint8, N x H x W x 3), as sample_
 that already carries mu, sigma, mu_s, sigma_s (like ADM's VIRTUAL_imagenet256_labeled.npz) has those used
 as they are; its images are still read for precision and recall. Features and statistics of each file are
 cached beside it (FILE.stats.npz, keyed by size, mtime and the weights), so a reference is processed once.
+Stored statistics of the wrong size, statistics holding NaN (stored or computed) and an --output that cannot be
+written are refused in one line, the first and last before any network runs.
 
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/DiT-XL-2-...npz --output metrics.json
 """
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 import cli
 from distributed import pick_device
-from files import atomic_path, load_torch, save_json
+from files import atomic_path, check_input_file, check_output_file, load_torch, save_json
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 RESULT_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
@@ -44,6 +46,8 @@ PR_BATCH_SIZE = 10000  # rows/columns of pairwise distances held at once, as ADM
 FID_EPS = 1e-6  # diagonal offset when the covariance product is singular, as ADM and pytorch-fid
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "inception_score", "pool")
+# The Frechet metrics: the mean and covariance they compare, and the features those are fitted to.
+GAUSSIANS = {"fid": ("mu", "sigma", "pool"), "sfid": ("mu_s", "sigma_s", "spatial")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,9 +73,8 @@ def check_images(shape, dtype, what):
 
 
 def npz_keys(path, what):
-    """Names of the arrays in an .npz file, with one-line errors for a missing or non-npz file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist; check the path")
+    """Names of the arrays in an .npz file, with one-line errors for a missing, folder or non-npz path."""
+    check_input_file(path, what)
     try:
         with zipfile.ZipFile(path) as z:
             return [name[:-4] for name in z.namelist() if name.endswith(".npy")]
@@ -178,6 +181,9 @@ def fetch_inception_weights():
 class InceptionFeatures(torch.nn.Module):
     """uint8 N x H x W x 3 images -> pool (2048), spatial (2023) and logits (1008) features, as ADM reads them."""
 
+    # known before the network is loaded, so stored statistics of another size are refused first
+    feature_dims = {"pool": 2048, "spatial": 17 * 17 * SPATIAL_CHANNELS}  # mixed_6 is 17 x 17 at 299 px
+
     def __init__(self, net, cache_key):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
@@ -283,7 +289,7 @@ def batch_statistics(source, extractor, device, batch_size, what, cache=True, ca
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             pass  # missing, stale or unreadable cache: recompute
     stats = feature_statistics(extract_features(source, extractor, device, batch_size, what))
-    if cache_file:
+    if cache_file and all(np.isfinite(value).all() for value in stats.values()):  # never keep a failure
         try:
             with atomic_path(cache_file) as tmp:
                 np.savez(tmp, fingerprint=np.array(fingerprint), **stats)
@@ -304,6 +310,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FID_EPS):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise cli.UserError(f"the two Gaussians differ in shape (mean {mu1.shape} vs {mu2.shape}, covariance "
                             f"{sigma1.shape} vs {sigma2.shape}); compare statistics of the same features")
+    if not all(np.isfinite(x).all() for x in (mu1, sigma1, mu2, sigma2)):  # sqrtm of NaN can run for hours
+        raise cli.UserError("the Frechet distance was given statistics holding NaN or infinite values; "
+                            "recompute them from finite features")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # singular products are handled below
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -385,17 +394,46 @@ def parse_metrics(metrics):
     return tuple(m for m in METRICS if m in names)
 
 
-def reference_statistics(ref_path, keys, need_images, extractor, device, batch_size, cache, cache_dir):
-    """mu/sigma (and _s) from the reference file where it carries them, features from its images otherwise."""
+def stored_statistics(ref_path, keys, metrics):
+    """The mu/sigma (and _s) the reference file carries for the asked Frechet metrics: ADM uses them as they are."""
     stored = {}
     with np.load(ref_path, allow_pickle=False) as f:
-        for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        for mu, sigma, _ in (GAUSSIANS[m] for m in metrics if m in GAUSSIANS):
             if mu in keys and sigma in keys:
                 stored[mu], stored[sigma] = f[mu], f[sigma]
-    if not need_images:
-        return stored
-    computed = batch_statistics(ref_path, extractor, device, batch_size, "the reference batch", cache, cache_dir)
-    return {**computed, **stored}  # ADM uses the shipped statistics as they are
+    return stored
+
+
+def check_stored_statistics(stored, feature_dims, what):
+    """Refuse, before any network runs, stored statistics that are not a Gaussian of the features the
+    extractor gives (`feature_dims`: {"pool": d, ...}, None when unknown) or that are not finite."""
+    for metric, (mu_key, sigma_key, feature) in GAUSSIANS.items():
+        if mu_key not in stored:
+            continue
+        mu, sigma = np.asarray(stored[mu_key]), np.asarray(stored[sigma_key])
+        dim = (feature_dims or {}).get(feature, mu.shape[-1] if mu.ndim else None)
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise cli.UserError(f"{what} stores {mu_key} of shape {mu.shape} and {sigma_key} of shape {sigma.shape}, "
+                                f"but {metric} compares Gaussians of the {dim}-d {feature} features ({mu_key} "
+                                f"({dim},), {sigma_key} ({dim}, {dim})); use statistics of this network, or drop "
+                                f"{mu_key}/{sigma_key} from the file so they are computed from its images")
+    check_finite(stored, stored, f"{what} stores", "re-create the file, or drop them so they are computed from its "
+                                                   "images")
+
+
+def needed_statistics(metrics):
+    """The per-batch statistics (STAT_KEYS) the asked metrics read."""
+    needed = [key for m in metrics if m in GAUSSIANS for key in GAUSSIANS[m][:2]]
+    needed += ["inception_score"] if "is" in metrics else []
+    return needed + (["pool"] if "precision" in metrics or "recall" in metrics else [])
+
+
+def check_finite(stats, names, what, fix):
+    """One line naming the statistics among `names` that hold NaN or infinite values."""
+    bad = [name for name in names if name in stats and not np.isfinite(stats[name]).all()]
+    if bad:
+        raise cli.UserError(f"{what} statistics holding NaN or infinite values ({', '.join(bad)}), which would "
+                            f"make the scores meaningless; {fix}")
 
 
 def check_same_resolution(ref_shape, sample_shape, allow):
@@ -431,19 +469,42 @@ def compute_metrics(ref_path, samples, device="cpu", batch_size=50, metrics=METR
     Returns {"fid", "sfid", "inception_score", "precision", "recall"} for the asked `metrics` (names from
     METRICS). `feature_extractor=None` loads the FID Inception network; a stand-in is any callable taking a
     uint8 N x H x W x 3 tensor on `device` and returning {"pool", "spatial", "logits"} 2-D tensors (statistics
-    of files are cached on disk only for extractors with a `cache_key` attribute). References and samples of
-    different image sizes are refused unless `allow_size_mismatch` (then a warning)."""
+    of files are cached on disk only for extractors with a `cache_key` attribute; stored reference statistics
+    are checked against its `feature_dims`, {"pool": d, "spatial": d}, where it has one). References and
+    samples of different image sizes are refused unless `allow_size_mismatch` (then a warning)."""
     metrics = parse_metrics(metrics)
     device = pick_device(str(device))
     if batch_size < 1:
         raise cli.UserError(f"--batch-size must be at least 1, got {batch_size}")
-
     ref_path = os.fspath(ref_path)
+    samples = samples if isinstance(samples, np.ndarray) else os.fspath(samples)
+    feature_dims = InceptionFeatures.feature_dims if feature_extractor is None else \
+        getattr(feature_extractor, "feature_dims", None)
+    stored, need_ref_images = check_inputs(ref_path, samples, metrics, feature_dims, allow_size_mismatch)
+
+    with full_precision_matmuls():
+        extractor = feature_extractor if feature_extractor is not None else load_inception(device)
+        ref = stored
+        if need_ref_images:
+            computed = batch_statistics(ref_path, extractor, device, batch_size, "the reference batch", cache,
+                                        cache_dir)
+            ref = {**computed, **stored}
+        sam = batch_statistics(samples, extractor, device, batch_size, "the samples", cache, cache_dir)
+        fix = "their features are not finite: check the images (and the feature network)"
+        needed = needed_statistics(metrics)
+        check_finite(ref, [k for k in needed if k != "inception_score"], f"reference batch {ref_path!r} gives", fix)
+        check_finite(sam, needed, "the samples give", fix)  # IS is the samples' alone
+        return score(ref, sam, metrics, device)
+
+
+def check_inputs(ref_path, samples, metrics, feature_dims, allow_size_mismatch):
+    """Everything that can be refused before a network runs: the files, their images and the reference's
+    stored statistics. Returns (stored statistics, whether the reference's images are needed)."""
     keys = npz_keys(ref_path, "reference batch")
+    stored = stored_statistics(ref_path, keys, metrics)
+    check_stored_statistics(stored, feature_dims, f"reference batch {ref_path!r}")
     pr = "precision" in metrics or "recall" in metrics
-    missing_stats = ("fid" in metrics and not {"mu", "sigma"} <= set(keys)) or \
-                    ("sfid" in metrics and not {"mu_s", "sigma_s"} <= set(keys))
-    need_ref_images = pr or missing_stats
+    need_ref_images = pr or any(GAUSSIANS[m][0] not in stored for m in metrics if m in GAUSSIANS)
     if need_ref_images and "arr_0" not in keys:
         what = "precision and recall need" if pr else "the reference carries no mu/sigma statistics, so FID needs"
         raise cli.UserError(f"reference batch {ref_path!r} has no arr_0 array (it holds: "
@@ -455,25 +516,23 @@ def compute_metrics(ref_path, samples, device="cpu", batch_size=50, metrics=METR
         check_images(samples.shape, samples.dtype, "the samples")
         sample_shape = samples.shape
     else:
-        samples = os.fspath(samples)
         sample_shape = npz_image_shape(samples, "sample batch")
     if ref_shape is not None:
         check_same_resolution(ref_shape, sample_shape, allow_size_mismatch)
+    return stored, need_ref_images
 
-    with full_precision_matmuls():
-        extractor = feature_extractor if feature_extractor is not None else load_inception(device)
-        ref = reference_statistics(ref_path, keys, need_ref_images, extractor, device, batch_size, cache, cache_dir)
-        sam = batch_statistics(samples, extractor, device, batch_size, "the samples", cache, cache_dir)
-        results = {}
-        if "fid" in metrics:
-            results["fid"] = frechet_distance(ref["mu"], ref["sigma"], sam["mu"], sam["sigma"])
-        if "sfid" in metrics:
-            results["sfid"] = frechet_distance(ref["mu_s"], ref["sigma_s"], sam["mu_s"], sam["sigma_s"])
-        if "is" in metrics:
-            results["inception_score"] = float(sam["inception_score"])
-        if pr:
-            precision, recall = precision_recall(ref["pool"], sam["pool"], device=device)
-            results.update({m: v for m, v in (("precision", precision), ("recall", recall)) if m in metrics})
+
+def score(ref, sam, metrics, device):
+    """The asked metrics from the two batches' statistics."""
+    results = {}
+    for metric, (mu, sigma, _) in GAUSSIANS.items():
+        if metric in metrics:
+            results[metric] = frechet_distance(ref[mu], ref[sigma], sam[mu], sam[sigma])
+    if "is" in metrics:
+        results["inception_score"] = float(sam["inception_score"])
+    if "precision" in metrics or "recall" in metrics:
+        precision, recall = precision_recall(ref["pool"], sam["pool"], device=device)
+        results.update({m: v for m, v in (("precision", precision), ("recall", recall)) if m in metrics})
     return results
 
 
@@ -492,6 +551,8 @@ def main(argv=None):
     parser.add_argument("--allow-size-mismatch", action="store_true",
                         help="score samples whose image size differs from the reference's (with a warning)")
     args = parser.parse_args(argv)
+    output = args.output or os.path.splitext(args.sample_batch)[0] + "_metrics.json"
+    check_output_file(output, "--output")  # before the work, not after it
 
     results = compute_metrics(args.ref_batch, args.sample_batch, device=args.device, batch_size=args.batch_size,
                               metrics=parse_metrics(args.metrics), cache=not args.no_cache, cache_dir=args.cache_dir,
@@ -501,7 +562,6 @@ def main(argv=None):
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):  # ADM's order
         if key in results:
             print(f"{labels[key]}: {results[key]}")
-    output = args.output or os.path.splitext(args.sample_batch)[0] + "_metrics.json"
     save_json({**results, "ref_batch": args.ref_batch, "sample_batch": args.sample_batch}, output)
     print(f"wrote {output}")
 

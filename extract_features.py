@@ -15,7 +15,6 @@ are kept, the rest are encoded. A plain `python extract_features.py ...` runs as
 At 256px in float16 a shard of 4096 images takes 128 MiB (ImageNet: about 41 GiB).
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -51,7 +50,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                         help="storage type of mean and std (float16 halves the disk space)")
     parser.add_argument("--precision", choices=["fp32", "tf32"], default="tf32", help="TF32 matmuls on CUDA or not")
-    parser.add_argument("--num-workers", type=int, default=4, help="data-loading processes per rank")
+    parser.add_argument("--num-workers", type=cli.non_negative_int, default=4,
+                        help="data-loading processes per rank (0: load in the main process)")
     parser.add_argument("--device", type=str, default="auto", help="auto | cuda | cpu")
     args = parser.parse_args(argv)
     if any(side % vae_lib.DOWNSAMPLE for side in cli.height_width(args.image_size)):
@@ -59,6 +59,7 @@ def main(argv=None):
                             f"(the VAE's downsampling factor); use 256 or 512, or multiples of 8 such as 256x384")
     if args.batch_size < 1 or args.shard_size < 1:
         raise cli.UserError("--batch-size and --shard-size must be positive")
+    files.check_output_folder(args.feature_path, "--feature-path")
 
     rank, world_size, device = distributed.setup(args.device)
     try:
@@ -81,8 +82,7 @@ def extract(args, rank, world_size, device):
     done = [os.path.exists(os.path.join(args.feature_path, data.shard_name(i))) for i in range(num_shards)]
     if rank == 0:
         os.makedirs(args.feature_path, exist_ok=True)
-        for stale in glob.glob(os.path.join(args.feature_path, ".tmp-*")):  # left by a killed run
-            os.remove(stale)
+        files.remove_stale_temp_files(args.feature_path)  # left by a killed run
         if not os.path.exists(config_path):
             files.save_json(config, config_path)
     distributed.barrier()

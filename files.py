@@ -1,12 +1,19 @@
 """Atomic file writes: a crash never leaves a half-written checkpoint, shard or image that
-looks complete. Write to a temporary file in the same folder, then rename over the target."""
+looks complete. Write to a temporary file in the same folder, then rename over the target.
+
+Also the checks around files, each a one-line error: a missing path or a folder where a file is
+read, an output path that is a folder (or a file where a folder belongs), and a checkpoint that is
+corrupt as opposed to one that weights_only refuses for the Python objects it holds."""
 import contextlib
 import errno
 import glob
 import json
 import os
+import pickle
+import pickletools
 import shutil
 import tempfile
+import zipfile
 
 import torch
 
@@ -52,23 +59,85 @@ def save_image(image, path):
         image.save(tmp)
 
 
-def load_torch(path, what="checkpoint"):
-    """torch.load(weights_only=True) with one-line errors for missing, corrupt or unsafe files."""
+def check_input_file(path, what):
+    """Refuse a missing path or a folder where a file is read, naming which of the two it is."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path!r} is a folder, not a file; give the path of the file itself")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist; check the path")
+    return path
+
+
+def check_output_file(path, what):
+    """Refuse, before any work, a file to be written whose path is a folder or lies under a file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path!r} is a folder, not a file; give the path of a file (inside that "
+                                f"folder if you like)")
+    _check_parents_are_folders(path, what)
+
+
+def check_output_folder(path, what):
+    """Refuse, before any work, a folder to be written whose path is a file or lies under one."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a folder; give a new or existing folder")
+    _check_parents_are_folders(path, what)
+
+
+def _check_parents_are_folders(path, what):
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{what} {path!r} lies under {parent!r}, which is a file; choose another path")
+
+
+# How much of a file is read to tell a pickle from random bytes (torch's data.pkl is kilobytes).
+PICKLE_PROBE_BYTES = 64 << 20
+
+
+def _first_pickle(path):
+    """The bytes torch.load unpickles first: data.pkl inside a zip checkpoint, else the file's start."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                return b""
+            with z.open(name) as f:
+                return f.read(PICKLE_PROBE_BYTES)
+    with open(path, "rb") as f:
+        return f.read(PICKLE_PROBE_BYTES)
+
+
+def is_well_formed_pickle(path):
+    """Whether the file holds a complete pickle (opcodes read up to STOP, none run): a checkpoint that
+    weights_only refuses for what it holds, rather than random bytes, an HTML page or a cut-off file."""
+    try:
+        opcodes = sum(1 for _ in pickletools.genops(_first_pickle(path)))
+    except Exception:  # pickletools raises ValueError for bad opcodes and truncation; zipfile its own
+        return False
+    return opcodes > 1  # more than a lone STOP, which one random byte in 256 would be
+
+
+def load_torch(path, what="checkpoint"):
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt or unsafe files."""
+    path = check_input_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
         text = str(e).strip()
         lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
-        first = next((line for line in lines if "Unsupported" in line), lines[0])
-        if "Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text:
+        if isinstance(e, pickle.UnpicklingError) and is_well_formed_pickle(path):
+            first = next((line for line in lines if "Unsupported" in line), lines[0])
             raise UserError(f"{what} {path!r} holds pickled Python objects beyond tensors and plain values, "
-                             f"and was refused without running them ({first[:200]}); re-save it with tensors "
-                             f"only or use a trusted file") from None
-        raise UserError(f"{what} {path!r} is corrupt or not a PyTorch file ({first[:200]}); "
-                         f"re-download or re-create it") from None
+                            f"and was refused without running them ({first[:200]}); re-save it with tensors "
+                            f"only or use a trusted file") from None
+        # the weights-only unpickler's complaint about a random opcode would only mislead here
+        detail = "" if isinstance(e, pickle.UnpicklingError) else f": {lines[0][:200]}"
+        raise UserError(f"{what} {path!r} is not a readable PyTorch file (truncated or corrupt{detail}); "
+                        f"re-download or re-save it") from None
 
 
 def is_full_disk(error, folder):

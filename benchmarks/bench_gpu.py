@@ -19,6 +19,7 @@ the VAE decode excluded. --compile (default on CUDA) is the fast mode, fast.comp
 import argparse
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -38,9 +39,48 @@ from flops import params_and_gflops  # noqa: E402
 from fast import compile_model  # noqa: E402
 from models import create_model, model_args_for  # noqa: E402
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-               "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
+# Peak tensor-core TFLOP/s for bf16 and fp16 (fp32 accumulation) from NVIDIA's data sheets. These are
+# DENSE figures: the sheets print the "with sparsity" ones first, twice these; dense matmuls never reach
+# those. Cards without bf16 tensor cores (compute capability under 8.0: V100, T4) list their fp16 peak.
+# A card matches when its name, less the words in NAME_NOISE, is exactly a key (find_peak_tflops):
+# "NVIDIA L40" is not an "L4", an "H100 NVL" not an SXM "H100". Cards without a sheet figure here
+# (A10G, RTX 4090 D, ...) are measured instead.
+PEAK_TFLOPS = {
+    "H100": 989.0, "H100 SXM5": 989.0,  # SXM5, which torch names "NVIDIA H100 80GB HBM3"
+    "H100 PCIe": 756.0, "H100 NVL": 835.0,
+    "H200": 989.0, "H200 NVL": 835.0, "GH200": 989.0,
+    "A100": 312.0, "A100 SXM4": 312.0, "A100 PCIe": 312.0,
+    "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+    "V100": 125.0, "V100 SXM2": 125.0, "V100 PCIe": 112.0, "V100S PCIe": 130.0,  # fp16 only
+    "T4": 65.0,  # fp16 only
+    "RTX 4090": 165.2,  # GeForce: fp32 accumulation runs at this rate, half the fp16-accumulate one
+}
+# Words of torch's device names that say nothing about the chip: brands, memory size and type.
+NAME_NOISE = re.compile(r"nvidia|tesla|geforce|\d+gb|hbm\d*e?")
+BF16_CAPABILITY = (8, 0)  # Ampere and later have bf16 tensor cores
+
+
+def name_words(name):
+    """A device name's chip words, lower case: "NVIDIA A100-SXM4-80GB" -> {"a100", "sxm4"}."""
+    return frozenset(w for w in re.split(r"[\s_-]+", name.lower()) if w and not NAME_NOISE.fullmatch(w))
+
+
+def find_peak_tflops(device_name):
+    """The data-sheet peak of the card torch calls `device_name`, or None when the table lacks it."""
+    words = name_words(device_name)
+    return next((value for key, value in PEAK_TFLOPS.items() if name_words(key) == words), None)
+
+
+def choose_precision(asked, device_type, capability=None):
+    """--precision (None: the default) for a device: bf16 on CUDA cards with bf16 tensor cores, fp16 on older
+    ones (capability under 8.0), fp32 on CPU. An explicit bf16 on an older card is refused."""
+    bf16_cores = device_type == "cuda" and tuple(capability) >= BF16_CAPABILITY
+    if asked is None:
+        return "fp32" if device_type != "cuda" else ("bf16" if bf16_cores else "fp16")
+    if asked == "bf16" and device_type == "cuda" and not bf16_cores:
+        raise cli.UserError(f"--precision bf16: this GPU (compute capability {capability[0]}.{capability[1]}) has "
+                            f"no bf16 tensor cores, so the figures would not be its speed; use --precision fp16")
+    return asked
 
 
 def parse_args():
@@ -51,7 +91,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (they absorb compilation)")
     parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
-                        help="default bf16 on CUDA, fp32 on CPU (where bf16 is emulated without AVX-512 BF16)")
+                        help="default bf16 on CUDA (fp16 on GPUs without bf16 tensor cores, e.g. V100, T4), "
+                             "fp32 on CPU (where bf16 is emulated without AVX-512 BF16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="fast.compile_model (default: on CUDA)")
     parser.add_argument("--grad-checkpointing", action="store_true")
@@ -76,9 +117,9 @@ def peak_tflops(args, device):
         return args.peak_tflops, "--peak-tflops"
     if device.type == "cuda" and args.precision in ("bf16", "fp16"):
         name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
-            if key in name:
-                return value, f"{name} data sheet"
+        value = find_peak_tflops(name)
+        if value is not None:
+            return value, f"{name} data sheet, dense"
     n = 4096 if device.type == "cuda" else 1024
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -180,8 +221,8 @@ def main():
     device = pick_device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    args.precision = choose_precision(args.precision, device.type, capability)
     cli.set_tf32(args.precision, device)
     peak, source = peak_tflops(args, device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
@@ -193,4 +234,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -57,3 +57,67 @@ def test_score_refuses_nothing_to_score_in_one_line_before_sampling(tmp_path, ca
         # Our one line, or argparse's usage followed by its one error line.
         assert e.value.code == 2 and "error: " in err[-1] and flag in err[-1], err
         assert len(err) == 1 or err[0].startswith("usage:"), err
+
+
+def test_prepare_refuses_a_folder_of_the_users_own_files(tmp_path, capsys):
+    """Their 3/0003.png is a name prepare would write, their cats/ a class it would not: neither is touched."""
+    out = tmp_path / "mine"
+    (out / "3").mkdir(parents=True)
+    (out / "3" / "0003.png").write_bytes(b"the user's own image")
+    (out / "cats").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: digits.main(["prepare", "--out", str(out)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "did not write" in err and "new or empty folder" in err
+    assert (out / "3" / "0003.png").read_bytes() == b"the user's own image"
+    assert sorted(os.listdir(out)) == ["3", "cats"] and os.listdir(out / "3") == ["0003.png"]
+
+
+def test_prepare_refuses_files_it_would_not_write_and_a_file_for_the_folder(tmp_path):
+    out = tmp_path / "digits"
+    digits.prepare(str(out))
+    (out / "cats").mkdir()
+    (out / "cats" / "tom.png").write_bytes(b"a cat")
+    with pytest.raises(cli.UserError, match=r"holds cats/tom\.png, which digits\.py prepare does not write"):
+        digits.prepare(str(out))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="--out .* is a file, not a folder"):
+        digits.prepare(str(tmp_path / "a_file"))
+
+
+def test_prepare_finishes_its_own_interrupted_folder_and_clears_its_temp_files(tmp_path):
+    """A kill between writing a temp PNG and renaming it: the rerun completes the folder without the
+    temp file (which the loaders would otherwise skip, but which must not stay)."""
+    out = tmp_path / "digits"
+    digits.prepare(str(out))
+    os.remove(out / digits.DONE_MARK)
+    os.remove(out / "3" / "0003.png")
+    (out / "3" / ".tmp-k1ll3d.png").write_bytes((out / "3" / "0013.png").read_bytes())  # complete, not renamed
+    digits.prepare(str(out))
+    assert (out / digits.DONE_MARK).exists() and (out / "3" / "0003.png").exists()
+    assert [name for name in os.listdir(out / "3") if name.startswith(".")] == []
+    assert sum(len(os.listdir(out / str(c))) for c in range(10)) == 1797
+
+
+@pytest.mark.parametrize("size, vae, channels, problem", [(16, "ema", 4, "16 px latent-space (--vae ema) model"),
+                                                          (16, "none", 1, "16 px pixel-space model")],
+                         ids=["latent", "pixel-16"])
+def test_score_refuses_a_checkpoint_of_other_images_before_sampling(tmp_path, capsys, monkeypatch, size, vae,
+                                                                    channels, problem):
+    import sampling
+    import tiny_dit
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled a checkpoint whose images the digit classifier cannot read")
+
+    monkeypatch.setattr(sampling, "generate_from_checkpoint", never)
+    ckpt = tmp_path / "other.pt"
+    tiny_dit.write_checkpoint(ckpt, image_size=size, vae=vae, in_channels=channels)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: digits.main(["score", "--ckpt", str(ckpt), "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and problem in err and "8x8 pixel-space" in err
+
+
+def test_score_takes_an_8x8_pixel_checkpoint_on_to_sampling(pixel_ckpt):
+    digits.check_digits_checkpoint(pixel_ckpt)  # no error: the classifier reads these samples

@@ -415,3 +415,91 @@ def test_other_resolution_is_scored_with_a_warning_when_allowed(tmp_path):
     with pytest.warns(UserWarning, match="32x32 images but the samples are 64x64"):
         out = evaluate.compute_metrics(ref, sam, feature_extractor=extractor, allow_size_mismatch=True)
     assert extractor.images_seen == 22 and out["fid"] > 0
+
+
+# --- statistics that cannot be scored, and outputs that cannot be written: one line, before the work ------
+
+
+def never_sqrtm(matrix):
+    raise AssertionError("sqrtm ran on statistics that should have been refused (NaN: it can run for hours)")
+
+
+def test_nan_statistics_stored_in_the_reference_are_named_before_any_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(scipy.linalg, "sqrtm", never_sqrtm)
+    sigma = np.eye(16)
+    sigma[3, 5] = np.nan
+    ref = write_batch(tmp_path / "ref.npz", images(12, seed=1), mu=np.zeros(16), sigma=sigma)
+    extractor = TinyFeatures(cache_key=None)
+    with pytest.raises(cli.UserError) as info:
+        evaluate.compute_metrics(ref, images(10, seed=2), metrics=("fid",), feature_extractor=extractor)
+    assert "ref.npz' stores statistics holding NaN or infinite values (sigma)" in str(info.value)
+    assert extractor.images_seen == 0
+
+
+def test_nan_features_of_the_samples_are_named_and_never_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(scipy.linalg, "sqrtm", never_sqrtm)
+
+    class NaNFeatures(TinyFeatures):
+        def __call__(self, batch):
+            features = super().__call__(batch)
+            features["pool"][0, 0] = float("nan")
+            return features
+
+    ref = write_batch(tmp_path / "ref.npz", mu=np.zeros(16), sigma=np.eye(16))
+    sam = write_batch(tmp_path / "sam.npz", images(10, seed=2))
+    with pytest.raises(cli.UserError, match=r"the samples give statistics holding NaN or infinite values \(mu, "
+                                            r"sigma\).*check the images"):
+        evaluate.compute_metrics(ref, sam, metrics=("fid",), feature_extractor=NaNFeatures())
+    assert not os.path.exists(sam + ".stats.npz")  # the next run computes them again
+
+
+def test_frechet_distance_refuses_nan_without_the_matrix_root(monkeypatch):
+    monkeypatch.setattr(scipy.linalg, "sqrtm", never_sqrtm)
+    with pytest.raises(cli.UserError, match="NaN or infinite"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.full(3, np.inf), np.eye(3))
+
+
+def test_stored_statistics_of_the_wrong_size_are_refused_before_the_network(tmp_path, capsys, offline):
+    """16-d statistics against Inception's 2048-d pool: refused without downloading the network."""
+    ref = write_batch(tmp_path / "ref.npz", images(4), mu=np.zeros(16), sigma=np.eye(16))
+    code, err = run_main([ref, ref, "--metrics", "fid", "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "stores mu of shape (16,) and sigma of shape (16, 16)" in err and "2048-d pool features" in err
+    assert "drop mu/sigma from the file" in err
+
+
+@pytest.mark.parametrize("mu, sigma", [(np.zeros(8), np.eye(8)), (np.zeros(16), np.eye(15)),
+                                       (np.zeros((1, 16)), np.eye(16))], ids=["other-size", "sigma", "mu-2d"])
+def test_stored_statistics_must_fit_the_extractors_features(tmp_path, mu, sigma):
+    ref = write_batch(tmp_path / "ref.npz", images(12, seed=1), mu_s=mu, sigma_s=sigma)
+    extractor = TinyFeatures(cache_key=None)
+    extractor.feature_dims = {"pool": 16, "spatial": 12}
+    with pytest.raises(cli.UserError, match="stores mu_s of shape .* but sfid compares Gaussians of the 12-d"):
+        evaluate.compute_metrics(ref, images(10, seed=2), metrics=("sfid",), feature_extractor=extractor)
+    assert extractor.images_seen == 0
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_network(tmp_path, capsys, offline):
+    ref = write_batch(tmp_path / "ref.npz", images(4))
+    (tmp_path / "out").mkdir()
+    code, err = run_main([ref, ref, "--output", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--output" in err and "out' is a folder, not a file" in err
+    (tmp_path / "a_file").write_text("x")
+    code, err = run_main([ref, ref, "--output", str(tmp_path / "a_file" / "m.json"), "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "which is a file" in err
+
+
+def test_a_folder_given_for_a_batch_is_named(tmp_path, capsys, offline):
+    ref = write_batch(tmp_path / "ref.npz", images(4))
+    code, err = run_main([ref, str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is a folder, not a file" in err and "does not exist" not in err
+
+
+def test_nan_in_adm_sized_statistics_is_one_line_from_the_command_line(tmp_path, capsys, offline):
+    """The issue's case: 2048-d stored statistics holding NaN (sqrtm would hang for hours)."""
+    mu = np.zeros(2048, np.float32)
+    mu[7] = np.nan
+    ref = write_batch(tmp_path / "ref.npz", images(4), mu=mu, sigma=np.eye(2048, dtype=np.float32))
+    code, err = run_main([ref, ref, "--metrics", "fid", "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "stores statistics holding NaN or infinite values (mu)" in err

@@ -131,3 +131,66 @@ def test_large_feature_sets_are_memory_mapped(setup, monkeypatch):
     for a, b in zip(small.__getitems__(order), mapped.__getitems__(order)):
         assert torch.equal(a, b)
     assert torch.equal(mapped[6][0], small.shards[0]["mean"][6])
+
+
+# ------------------------------------------------------------------ image folders: what is read, what is refused
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_image_folders_skip_hidden_files_and_folders(tmp_path, in_memory):
+    """A complete temp PNG left by a kill between write and rename, a notebook's checkpoint folder and a
+    hidden sub-folder: none of them is read (nor a class)."""
+    from PIL import Image
+
+    root = write_images(tmp_path / "images", per_class=4, classes=3, size=8)
+    pixel = Image.new("L", (8, 8), 255)
+    pixel.save(root / "class0" / ".tmp-abc123.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    pixel.save(root / ".ipynb_checkpoints" / "0.png")
+    (root / "class1" / ".cache").mkdir()
+    pixel.save(root / "class1" / ".cache" / "1.png")
+    dataset = data.ImageFolder(str(root), 8, channels=1, in_memory=in_memory)
+    assert dataset.classes == ["class0", "class1", "class2"] and len(dataset) == 12
+    assert not any(os.sep + "." in path for path in dataset.paths)
+
+
+@pytest.mark.parametrize("content", [[], [".tmp-only-hidden.png"]], ids=["empty", "hidden-only"])
+def test_an_empty_class_folder_is_named(tmp_path, content):
+    root = write_images(tmp_path / "images", per_class=2, classes=3, size=8)
+    (root / "cats").mkdir()
+    for name in content:
+        (root / "cats" / name).write_bytes(b"x")
+    with pytest.raises(cli.UserError) as info:
+        data.ImageFolder(str(root), 8, channels=1)
+    message = str(info.value)
+    assert f"class folder {str(root / 'cats')!r} holds no images" in message and "check the path" not in message
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_decompression_bomb_is_skipped_like_an_unreadable_image(tmp_path, monkeypatch, in_memory):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, not an OSError): lowered
+    here so a 16x16 image is one, and skipped with the warning of every unreadable image."""
+    from PIL import Image
+
+    root = write_images(tmp_path / "images", per_class=3, classes=2, size=8)
+    Image.new("L", (16, 16)).save(root / "class1" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 8x8 = 64 pixels pass, 16x16 = 256 > 200
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*bomb\.png .*decompression bomb"):
+        dataset = data.ImageFolder(str(root), 8, channels=1, in_memory=in_memory)
+        items = [dataset[i] for i in range(len(dataset))]
+    assert len(dataset) == (6 if in_memory else 7) and all(image.shape == (1, 8, 8) for image, _ in items)
+
+
+def test_bad_extraction_flags_are_refused_before_the_work(tmp_path, capsys):
+    images = write_images(tmp_path / "images", per_class=2, classes=2, size=32, mode="RGB")
+    with pytest.raises(SystemExit) as info:
+        extract_features.main(["--data-path", str(images), "--feature-path", str(tmp_path / "f"),
+                               "--num-workers", "-1"])
+    assert info.value.code == 2 and "--num-workers: must be 0 or more, got -1" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        cli.run(lambda: extract_features.main(["--data-path", str(images), "--feature-path", str(tmp_path / "a_file"),
+                                               "--vae-path", str(tmp_path / "no_vae_needed_yet")]))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "--feature-path" in err and "is a file, not a folder" in err

@@ -3,6 +3,8 @@ decoding), files.py (atomic writes, safe loading), cli.py (image conversion, cla
 distributed.py (device choice, a group of one, CPU thread sharing)."""
 import json
 import os
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -169,13 +171,56 @@ def test_load_torch_reports_truncated_and_missing_files(tmp_path):
     files.save_torch({"w": torch.randn(64, 64)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(cli.UserError, match="features .* is corrupt or not a PyTorch file") as info:
+    with pytest.raises(cli.UserError, match="features .* is not a readable PyTorch file .truncated or corrupt") as info:
         files.load_torch(path, what="features")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "re-download or re-save it" in str(info.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         files.load_torch(tmp_path / "nothing.pt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        files.load_torch(tmp_path)  # a folder is not a checkpoint either
+
+
+def test_load_torch_names_a_folder_given_for_a_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a file") as info:
+        files.load_torch(tmp_path)
+    assert "does not exist" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("content", [np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+                                     b"<html><body>mirror error page</body></html>", b""],
+                         ids=["random-bytes", "html", "empty"])
+def test_load_torch_tells_a_corrupt_file_from_a_refused_pickle(tmp_path, content):
+    """Random bytes are not a security refusal (the weights-only unpickler stops at their first byte)."""
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(cli.UserError) as info:
+        files.load_torch(path)
+    assert "is not a readable PyTorch file (truncated or corrupt" in str(info.value)
+    assert "pickled Python objects" not in str(info.value) and "Unsupported" not in str(info.value)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_load_torch_refuses_real_pickles_of_objects_whatever_their_protocol(tmp_path, protocol):
+    """Plain pickle files, not torch's zip format: refused as objects (not called corrupt), never run."""
+    path = tmp_path / "objects.pt"
+    path.write_bytes(pickle.dumps({"extra": PlainInstance()}, protocol=protocol))
+    RAN.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about protocol 4
+        with pytest.raises(cli.UserError, match="holds pickled Python objects .* refused without running them"):
+            files.load_torch(path)
+    assert RAN == []
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(IsADirectoryError, match="--output .* is a folder, not a file"):
+        files.check_output_file(tmp_path, "--output")
+    with pytest.raises(NotADirectoryError, match="lies under .*a_file.*, which is a file"):
+        files.check_output_file(tmp_path / "a_file" / "m.json", "--output")
+    with pytest.raises(NotADirectoryError, match="--feature-path .* is a file, not a folder"):
+        files.check_output_folder(tmp_path / "a_file", "--feature-path")
+    files.check_output_file(tmp_path / "new" / "deeper" / "m.json", "--output")  # created when written
+    files.check_output_folder(tmp_path / "new", "--feature-path")
+    files.check_output_folder(tmp_path, "--feature-path")
 
 
 # ---- cli.py ----
@@ -240,9 +285,55 @@ def test_pick_device(monkeypatch):
         with pytest.raises(cli.UserError, match="no CUDA GPU is visible; use --device cpu"):
             distributed.pick_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert distributed.pick_device("auto") == torch.device("cuda")
     assert distributed.pick_device("cuda:1") == torch.device("cuda", 1)
     assert distributed.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(cli.UserError, match="--device cuda:2 asks for GPU 2 but only 2 CUDA device"):
+        distributed.pick_device("cuda:2")
+
+
+@pytest.mark.parametrize("flag, environ, count, expected", [
+    ("auto", {}, 0, "cpu"),
+    ("cpu", {"LOCAL_RANK": "1"}, 2, "cpu"),
+    ("auto", {}, 2, "cuda:0"),
+    ("cuda", {}, 2, "cuda:0"),
+    ("cuda:1", {}, 2, "cuda:1"),  # outside torchrun an explicit index is honoured
+    ("auto", {"LOCAL_RANK": "1"}, 2, "cuda:1"),  # under torchrun: this process's GPU
+    ("cuda", {"LOCAL_RANK": "3"}, 2, "cuda:1"),
+    ("cuda:1", {"LOCAL_RANK": "1"}, 2, "cuda:1"),  # an index that agrees with torchrun
+])
+def test_choose_device_is_a_function_of_flag_environment_and_device_count(flag, environ, count, expected):
+    assert distributed.choose_device(flag, environ, count) == torch.device(expected)
+
+
+@pytest.mark.parametrize("flag, environ, count, problem", [
+    ("cuda:1", {"LOCAL_RANK": "0"}, 2, "--device cuda:1 contradicts torchrun, which gives this process "
+                                       "(LOCAL_RANK 0) cuda:0"),
+    ("cuda:2", {}, 2, "asks for GPU 2 but only 2 CUDA device(s) are visible"),
+    ("cuda", {}, 0, "no CUDA GPU is visible"),
+    ("gpu", {}, 2, "is not a device"),
+])
+def test_choose_device_refuses_in_one_line(flag, environ, count, problem):
+    with pytest.raises(cli.UserError) as info:
+        distributed.choose_device(flag, environ, count)
+    assert problem in str(info.value) and "\n" not in str(info.value)
+
+
+def test_setup_takes_the_device_from_choose_device(monkeypatch):
+    """setup hands choose_device the process's environment and the visible count (CPU here)."""
+    seen = []
+
+    def record(*args):
+        seen.append(args)
+        raise cli.UserError("stop before joining a group")
+
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(distributed, "choose_device", record)
+    with pytest.raises(cli.UserError, match="stop"):
+        distributed.setup("cuda:1")
+    assert seen[0][0] == "cuda:1" and seen[0][1]["LOCAL_RANK"] == "5"
+    assert seen[0][2] == distributed.visible_cuda_devices()
 
 
 def test_pick_device_unknown_name_is_a_user_error():
@@ -302,6 +393,11 @@ def test_share_cpu_threads_leaves_a_lone_process_and_gpus_alone(monkeypatch, res
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     distributed.share_cpu_threads(torch.device("cuda"), threads=6)
     assert torch.get_num_threads() == 2
+
+
+def test_share_cpu_threads_refuses_a_negative_count_in_one_line(restore_threads):
+    with pytest.raises(cli.UserError, match="--cpu-threads must be 0 .* or more, got -1"):
+        distributed.share_cpu_threads(torch.device("cpu"), threads=-1)
 
 
 # ------------------------------------------------------------------ cli.run: one line for the user, tracebacks for bugs

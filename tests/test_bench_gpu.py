@@ -1,0 +1,61 @@
+"""benchmarks/bench_gpu.py without a GPU: the data-sheet peak found from the names torch gives real cards
+(exact chip names, the most specific form factor), and the precision chosen for cards without bf16."""
+import sys
+
+import pytest
+
+import cli
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_gpu  # noqa: E402  (after the path is set)
+
+
+@pytest.mark.parametrize("device_name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0),  # SXM5
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),  # not the SXM's 989
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA L40", 181.0),  # not the L4's 121 (nor, as before, 121 read off "L4" inside "L40")
+    ("NVIDIA L4", 121.0),
+    ("Tesla V100-SXM2-16GB", 125.0),
+    ("Tesla V100-PCIE-32GB", 112.0),
+    ("Tesla V100S-PCIE-32GB", 130.0),
+    ("Tesla T4", 65.0),
+    ("NVIDIA GeForce RTX 4090", 165.2),
+])
+def test_peak_of_named_cards(device_name, tflops):
+    assert bench_gpu.find_peak_tflops(device_name) == tflops
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA A10G", "NVIDIA GeForce RTX 4090 D", "NVIDIA GeForce RTX 3090",
+                                         "Tesla V100-SXM3-32GB", "NVIDIA RTX 6000 Ada Generation"])
+def test_cards_without_a_sheet_figure_here_are_measured_not_guessed(device_name):
+    assert bench_gpu.find_peak_tflops(device_name) is None
+
+
+def test_every_table_key_finds_itself():
+    for key, value in bench_gpu.PEAK_TFLOPS.items():
+        assert bench_gpu.find_peak_tflops(f"NVIDIA {key}") == value, key
+
+
+@pytest.mark.parametrize("asked, device_type, capability, chosen", [
+    (None, "cuda", (9, 0), "bf16"), (None, "cuda", (8, 0), "bf16"),
+    (None, "cuda", (7, 0), "fp16"), (None, "cuda", (7, 5), "fp16"),  # V100, T4: no bf16 tensor cores
+    (None, "cpu", None, "fp32"), ("fp16", "cuda", (7, 0), "fp16"), ("bf16", "cuda", (8, 9), "bf16"),
+    ("bf16", "cpu", None, "bf16"),
+])
+def test_precision_follows_the_card(asked, device_type, capability, chosen):
+    assert bench_gpu.choose_precision(asked, device_type, capability) == chosen
+
+
+def test_bf16_asked_on_a_card_without_bf16_tensor_cores_is_refused():
+    with pytest.raises(cli.UserError, match=r"compute capability 7\.0\) has no bf16 tensor cores.*--precision fp16"):
+        bench_gpu.choose_precision("bf16", "cuda", (7, 0))
