@@ -37,7 +37,8 @@ import sys
 import numpy as np
 
 import files
-from cli import UserError, run
+from cli import run
+from errors import UserError
 from flops import params_and_gflops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

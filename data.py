@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 import cli
-from cli import UserError
+from errors import UserError
 from files import load_torch
 
 IN_MEMORY_LIMIT = 1 << 30  # bytes: smaller image sets and feature sets are held in RAM

@@ -17,7 +17,8 @@ import numpy as np
 
 import cli
 import files
-from cli import UserError, run
+from cli import run
+from errors import UserError
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8

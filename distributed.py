@@ -10,7 +10,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from errors import UserError
 
 
 def _free_port():

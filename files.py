@@ -17,7 +17,7 @@ import zipfile
 
 import torch
 
-from cli import UserError
+from errors import UserError
 
 TEMP_PREFIX = ".tmp-"  # what atomic_path names its temporary files
 _UMASK = os.umask(0)

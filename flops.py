@@ -14,7 +14,8 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import UserError, run
+from cli import run
+from errors import UserError
 from models import BLOCKS, DiT, DiT_models, input_hw, model_args_for
 
 # Table 4 of the paper (adaLN-Zero, 256x256): the reference the counts are checked against.
