@@ -39,11 +39,10 @@ import torch
 import files
 import vae as vae_lib
 from cli import UserError
+from diffusion import DEFAULT_DIFFUSION_ARGS  # the release's process: what older checkpoints were trained with
 from models import MODEL_SIZES, DiT, config_name, load_weights, model_args_for, sincos_pos_embed_2d
 
 FORMAT = 2
-# create_diffusion's settings for everything trained before objectives were stored.
-DEFAULT_DIFFUSION_ARGS = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
 TRAIN_KEYS = {"model", "ema", "opt", "train_steps"}
 
 
