@@ -76,9 +76,10 @@ class Objective:
     flags: dict = dataclasses.field(default_factory=dict)  # its own flags: attribute name -> argparse spec
 
 
-def _gaussian(predict_v):
+def _gaussian(**prediction):
+    """build for a Gaussian process whose model predicts `prediction` (create_diffusion's predict_*; none: eps)."""
     def build(diffusion_args, timestep_respacing):
-        return create_diffusion(timestep_respacing, predict_v=predict_v, **diffusion_args)
+        return create_diffusion(timestep_respacing, **prediction, **diffusion_args)
     return build
 
 
@@ -99,7 +100,7 @@ def _flow_record(t_sampling="uniform", t_mean=None, t_scale=None):
 
 OBJECTIVES = {objective.name: objective for objective in (
     Objective("eps", "the release's noise prediction with learned sigma (hybrid loss)",
-              lambda: dict(DEFAULT_DIFFUSION_ARGS), _gaussian(predict_v=False), guides_all_channels=False),
+              lambda: dict(DEFAULT_DIFFUSION_ARGS), _gaussian(), guides_all_channels=False),
     Objective("v", "v-prediction on the same schedule, learned sigma too",
               lambda: {**DEFAULT_DIFFUSION_ARGS, "objective": "v"}, _gaussian(predict_v=True),
               guides_all_channels=True),
