@@ -30,13 +30,12 @@ import download
 import files
 import interop
 import vae as vae_lib
+from diffusion import DEFAULT_DIFFUSION_ARGS  # the release's process: what older checkpoints were trained with
 from errors import UserError
 from models import (BLOCKS, MODEL_SIZES, DiT, DiTConfig, complete_model_args, config_name, differences, flag_name,
                     input_hw, model_args_for, variant_fields)
 
 FORMAT = 2
-# create_diffusion's settings for everything trained before objectives were stored.
-DEFAULT_DIFFUSION_ARGS = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
 TRAIN_KEYS = {"model", "ema", "opt", "train_steps"}
 
 

@@ -10,6 +10,7 @@ import sys
 import torch
 
 import models
+from diffusion import samplers
 from errors import UserError  # noqa: F401  (re-exported: cli.UserError is how scripts name it)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -103,8 +104,8 @@ def parse_class_labels(text, num_classes):
 # ------------------------------------------------------------------ flags the scripts share
 # Added once here so that a flag means the same in train.py, sample.py, sample_ddp.py and digits.py.
 VAE_CHOICES = ("ema", "mse", "none")
-# Gaussian (eps, v) samplers, then the flow ones; diffusion.SAMPLERS_FOR says which fit which objective.
-SAMPLERS = ("ddpm", "ddim", "dpm-solver", "euler", "heun", "dopri5", "sde")
+# The samplers' names, from their table (diffusion/samplers.py, which also says which fit which objective).
+SAMPLERS = tuple(samplers.SAMPLERS)
 
 
 def add_model_flags(parser, training):
@@ -143,17 +144,25 @@ def model_variant_args(args):
 
 def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm"):
     """How samples are drawn: the sampler, its steps, classifier-free guidance. `sampler` and
-    `num_sampling_steps` are this script's defaults for eps and v checkpoints; a flow checkpoint
-    defaults to heun. Both flags default to None, meaning "the default for the checkpoint's
-    objective", which sampling.make_sampler resolves (sampling.sampler_options passes the
-    script's defaults along)."""
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
-                        help=f"eps and v checkpoints: ddpm (ancestral, as the original), ddim (deterministic), "
-                             f"dpm-solver (DPM-Solver++(2M), ~25 steps suffice); default {sampler}. Flow "
-                             f"checkpoints: heun (2nd order, the default), euler, dopri5 (adaptive), sde")
+    `num_sampling_steps` are this script's defaults (for eps and v checkpoints); a checkpoint
+    whose objective the default sampler does not fit takes that objective's first sampler. Both
+    flags default to None, meaning "the default for the checkpoint's objective", which
+    sampling.make_sampler resolves (sampling.sampler_options passes the script's defaults along).
+    The choices and their help come from the samplers' table (diffusion/samplers.py)."""
+    table = samplers.SAMPLERS.values()
+    by_objectives = {}
+    for entry in table:
+        by_objectives.setdefault(entry.objectives, []).append(f"{entry.name} ({entry.help})")
+    parser.add_argument("--sampler", choices=list(samplers.SAMPLERS), default=None,
+                        help="; ".join(f"{' and '.join(objectives)} checkpoints: {', '.join(names)}"
+                                       for objectives, names in by_objectives.items())
+                             + f". Default: {sampler} where it fits the checkpoint, else its objective's first")
+    own_steps = ", ".join(f"{entry.name} {entry.steps}" for entry in table if entry.steps)
+    script_steps = ", ".join(entry.name for entry in table if entry.steps is None)
+    adaptive = ", ".join(entry.name for entry in table if entry.steps == 0)
     parser.add_argument("--num-sampling-steps", type=positive_int, default=None,
-                        help=f"default {num_sampling_steps} for ddpm, ddim and dpm-solver; the flow samplers "
-                             f"have their own (sampling.FLOW_STEPS); dopri5 picks its steps from --atol/--rtol")
+                        help=f"default {num_sampling_steps} for {script_steps}; {own_steps}; {adaptive}: adaptive, "
+                             f"takes no step count")
     parser.set_defaults(default_sampler=sampler, default_sampling_steps=num_sampling_steps)
     parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale,
                         help="classifier-free guidance scale; 1 = off")

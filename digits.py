@@ -150,14 +150,14 @@ def score_checkpoint(args):
 
     labels = np.repeat(np.arange(NUM_CLASSES), args.per_class)
     start = time.perf_counter()
-    images, sampler = sampling.generate_from_checkpoint(
+    images, sampler, stats = sampling.generate_from_checkpoint(
         args.ckpt, labels.tolist(), cfg_scale=args.cfg_scale, sampler=args.sampler,
         num_sampling_steps=args.num_sampling_steps, seed=args.seed, batch_size=args.batch_size,
         device=pick_device(args.device), guide_all_channels=args.cfg_all_channels, precision=args.precision,
         return_sampler=True, compile=args.compile, quantize=args.quantize, **sampling.sampler_options(args))
     seconds = time.perf_counter() - start
     result = DigitScorer().score(images, labels)
-    steps = sampler.steps or f"adaptive ({sampler.nfe} evaluations)"  # dopri5 picks its own steps
+    steps = sampler.steps or f"adaptive ({stats.nfe} evaluations)"  # dopri5 picks its own steps
     print(f"{sampler.name}-{steps} cfg {args.cfg_scale}: accuracy {result['accuracy']:.1%}, "
           f"Frechet distance {result['frechet_distance']:.2f}, {seconds:.1f} s for {len(labels)} samples "
           f"({seconds / len(labels) * 1e3:.1f} ms/sample)")

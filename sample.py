@@ -111,9 +111,9 @@ def main(argv=None):
     decode = sampling.load_decoder(settings, device, args.vae_batch_size, tiling=args.vae_tiling)
 
     noise = torch.randn(len(labels), *settings.latent_shape(), device=device)
-    latents = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
-                                guide_all_channels=args.cfg_all_channels, precision=args.precision or "fp32",
-                                progress=True)
+    latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
+                                   guide_all_channels=args.cfg_all_channels, precision=args.precision or "fp32",
+                                   progress=True)
     images = decode(latents)
 
     with atomic_path(args.output) as tmp:

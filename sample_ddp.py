@@ -171,9 +171,9 @@ def _sample(args, rank, world_size, device):
         generators = sampling.seeded_generators(args.global_seed, padded)
         labels = class_labels(args, settings.num_classes, padded, generators)
         noise = sampling.draw(generators, shape).to(device)
-        latents = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
-                                    guide_all_channels=args.cfg_all_channels, precision=args.precision,
-                                    step_noise=lambda: sampling.draw(generators, shape))
+        latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
+                                       guide_all_channels=args.cfg_all_channels, precision=args.precision,
+                                       step_noise=lambda: sampling.draw(generators, shape))
         for index, image in zip(indices, cli.to_uint8(decode(latents))):  # zip drops the padding
             save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
                        os.path.join(folder, f"{index:06d}.png"))

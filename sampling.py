@@ -1,9 +1,9 @@
 """What sample.py and sample_ddp.py share: the command-line flags for the model and sampler,
 building the DiT from --model/--ckpt (or a train.py checkpoint's stored args) and loading its
-weights, the samplers with classifier-free guidance, and decoding latents to images. The
-samplers follow the checkpoint's training objective (its diffusion_args): ddpm, ddim and
-dpm-solver for eps and v models, euler, heun, dopri5 and sde for flow models (diffusion/flow.py);
-make_sampler refuses a sampler that does not fit, in one line.
+weights, running a sampler with classifier-free guidance and block caching, and decoding latents
+to images. The samplers themselves, and which fit the checkpoint's training objective (its
+diffusion_args), are diffusion/samplers.py's; make_sampler refuses one that does not fit, in one
+line.
 
 For use from Python (e.g. a quality check):
 
@@ -15,7 +15,7 @@ or step by step:
     model, cfg = sampling.load_model(args, device)        # args: the flags below
     sampler = sampling.make_sampler("dpm-solver", 25, cfg.diffusion_args)   # None, None: the objective's default
     noise = torch.randn(len(labels), *cfg.latent_shape())
-    latents = sampling.generate(model, sampler, labels, 4.0, noise)
+    latents, stats = sampling.generate(model, sampler, labels, 4.0, noise)   # stats.nfe: evaluations per sample
     images = cli.to_uint8(sampling.load_decoder(cfg, device)(latents))   # N x H x W x C uint8
 """
 import argparse
@@ -30,14 +30,10 @@ from tqdm.auto import tqdm
 import checkpoint
 import cli
 import vae as vae_lib
-from diffusion import SAMPLERS_FOR, create_process, flow, objective_of
-from diffusion.dpm_solver import dpm_solver_sample_loop
-from diffusion.flow import TIMESTEP_SCALE
+from diffusion import ProcessError, guides_all_channels, objective_of, samplers
 from download import RELEASED_MODELS
 from fast import check_quantize, compile_model, quantize_model
 from models import config_name, model_args_for
-
-SAMPLERS = cli.SAMPLERS
 
 
 def add_model_args(parser, cfg_scale, num_sampling_steps=250):
@@ -178,35 +174,34 @@ def load_decoder(settings, device, chunk_size=8, tiling=False):
     return lambda latents: vae_lib.decode(vae, latents, chunk_size)
 
 
-# Steps of each fixed-step flow sampler when --num-sampling-steps is not given (the Gaussian ones
-# take the script's default); dopri5 chooses its own from the tolerances (steps recorded as 0).
-FLOW_STEPS = {"euler": 50, "heun": 16, "sde": 100}
-
-
 @dataclasses.dataclass
 class Sampler:
-    name: str  # one of SAMPLERS
-    steps: int
-    diffusion: object  # the respaced process (the full 1000-step one for the solver), or a LinearFlow
+    name: str  # an entry of diffusion.samplers.SAMPLERS
+    steps: int  # 0: adaptive (dopri5)
+    diffusion: object  # the process it runs on: respaced (ddpm, ddim), the full one (the solver), a LinearFlow
     objective: str = "eps"  # what the model was trained with: eps, v or flow
+    guide_all_channels: bool = False  # the objective guides every channel (the release's eps: the first three)
     cfg_interval: tuple = None  # (low, high): guidance only at noise levels inside it; None: everywhere
-    atol: float = None  # dopri5's tolerances
-    rtol: float = None
-    sde_diffusion: float = None  # sde: w(t) = sde_diffusion * t
+    options: dict = dataclasses.field(default_factory=dict)  # its own settings: atol, rtol (dopri5), sde_diffusion
     cache_interval: int = 1  # BlockCache: every N-th model call runs all blocks; 1 = no caching
     cache_start: int = 0  # BlockCache: the blocks before this one run at every call
     cache_above: float = 0.0  # BlockCache: reuse only at noise levels of this one and above
-    nfe: int = 0  # model evaluations per sample in the last generate() call (a guided pair counts once)
-    block_evals: int = 0  # DiT blocks run per sample in the last generate() call (0: not counted, no caching)
 
     def settings(self):
         """What changes the images, for sample_ddp.py's record (None where it does not apply)."""
         cached = self.cache_interval > 1
-        return {"sampler": self.name, "num_sampling_steps": self.steps, "atol": self.atol, "rtol": self.rtol,
+        return {"sampler": self.name, "num_sampling_steps": self.steps,
+                **{name: self.options.get(name) for name in samplers.OPTIONS},
                 "cfg_interval": list(self.cfg_interval) if self.cfg_interval else None,
-                "sde_diffusion": self.sde_diffusion, "cache_interval": self.cache_interval,
-                "cache_start": self.cache_start if cached else None,
+                "cache_interval": self.cache_interval, "cache_start": self.cache_start if cached else None,
                 "cache_above": self.cache_above if cached else None}
+
+
+@dataclasses.dataclass
+class Stats:
+    """What one generate() call spent, per sample."""
+    nfe: int  # model evaluations (a guided pair counts once)
+    block_evals: int = 0  # DiT blocks run (0: not counted, no caching)
 
 
 class BlockCache:
@@ -262,29 +257,27 @@ def sampler_options(args):
 
 def make_sampler(name, steps, diffusion_args=None, *, default=("ddpm", 250), cfg_interval=None, atol=1e-6,
                  rtol=1e-3, sde_diffusion=1.0, cache_interval=1, cache_start=0, cache_above=0.0):
-    """ddpm: str(steps) respacing; ddim: ddim{steps}; dpm-solver: its own grid over the training
-    steps; euler, heun, sde: `steps` equal steps in t; dopri5: adaptive. diffusion_args: the
-    process the model was trained with (a checkpoint records them). name / steps None: the
-    objective's default, `default` (name, steps) for eps and v, heun and FLOW_STEPS for flow.
-    cache_interval > 1: reuse the blocks from cache_start on between model calls at noise levels
-    from cache_above up (BlockCache)."""
-    objective = _objective(diffusion_args)
-    name, steps = _resolve(name, steps, objective, default)
-    check_sampler_fits(name, objective)
-    if steps < 1 and name != "dopri5":
-        raise cli.UserError(f"--num-sampling-steps must be at least 1, got {steps}")
+    """The sampler `name` with `steps` steps for a model trained with diffusion_args (the process a
+    checkpoint records; None: the release's). name / steps None: the objective's default, the
+    script's `default` (name, steps) where it fits (diffusion.samplers.resolve). Each sampler's
+    process and steps: diffusion/samplers.py. cache_interval > 1: reuse the blocks from
+    cache_start on between model calls at noise levels from cache_above up (BlockCache)."""
     _check_options(cfg_interval, atol, rtol, sde_diffusion)
-    _check_cache(name, cache_interval, cache_start, cache_above)
-    if objective == "flow":
-        diffusion = create_process(diffusion_args)
-    else:
-        diffusion = _gaussian_process(name, steps, diffusion_args)
-    return Sampler(name, steps, diffusion, objective, tuple(cfg_interval) if cfg_interval else None,
-                   atol if name == "dopri5" else None, rtol if name == "dopri5" else None,
-                   sde_diffusion if name == "sde" else None, int(cache_interval), int(cache_start), float(cache_above))
+    try:
+        objective = objective_of(diffusion_args)
+        name, steps = samplers.resolve(name, steps, objective, default)
+        _check_cache(name, objective, cache_interval, cache_start, cache_above)
+        diffusion = samplers.process_for(name, steps, diffusion_args)
+    except ProcessError as e:
+        raise cli.UserError(str(e)) from None
+    given = {"atol": atol, "rtol": rtol, "sde_diffusion": sde_diffusion}
+    return Sampler(name, steps, diffusion, objective, guides_all_channels(diffusion_args),
+                   tuple(cfg_interval) if cfg_interval else None,
+                   {option: given[option] for option in samplers.SAMPLERS[name].options},
+                   int(cache_interval), int(cache_start), float(cache_above))
 
 
-def _check_cache(name, cache_interval, cache_start, cache_above):
+def _check_cache(name, objective, cache_interval, cache_start, cache_above):
     if not (isinstance(cache_interval, int) and cache_interval >= 1):
         raise cli.UserError(f"--cache-interval {cache_interval} must be a whole number of at least 1 "
                             f"(1 = no caching; 2 or 3 reuse the deep blocks every other or two in three calls)")
@@ -293,9 +286,11 @@ def _check_cache(name, cache_interval, cache_start, cache_above):
     if not 0 <= cache_above < 1:
         raise cli.UserError(f"--cache-above {cache_above} must be a noise level in [0, 1) (t for flow, "
                             f"timestep/1000 for eps and v), e.g. 0.2; 0 reuses at every level")
-    if cache_interval > 1 and name == "dopri5":
-        raise cli.UserError("--cache-interval does not work with dopri5, whose error control needs fresh evaluations; "
-                            "use --sampler heun or euler with a fixed --num-sampling-steps")
+    refused = samplers.SAMPLERS[name].no_caching
+    if cache_interval > 1 and refused:
+        others = [n for n in samplers.fitting(objective) if not samplers.SAMPLERS[n].no_caching]
+        raise cli.UserError(f"--cache-interval does not work with {name}: {refused}; use --sampler "
+                            f"{samplers.either(others)} with a fixed --num-sampling-steps")
 
 
 def check_cache_fits(model, sampler):
@@ -304,39 +299,6 @@ def check_cache_fits(model, sampler):
     if sampler.cache_interval > 1 and sampler.cache_start >= depth:
         raise cli.UserError(f"--cache-start {sampler.cache_start} leaves nothing to reuse: this model has {depth} "
                             f"blocks; use 0 to {depth - 1}")
-
-
-def _objective(diffusion_args):
-    try:
-        return objective_of(diffusion_args)
-    except ValueError as e:
-        raise cli.UserError(f"{e}; update the code") from None
-
-
-def _resolve(name, steps, objective, default):
-    """The sampler and step count, None meaning the objective's default."""
-    if name is not None and name not in SAMPLERS:
-        raise cli.UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if name is None:
-        name = SAMPLERS_FOR["flow"][0] if objective == "flow" else default[0]
-    if name == "dopri5":
-        if steps is not None:
-            raise cli.UserError(f"--num-sampling-steps {steps} does not apply to dopri5, which picks its steps from "
-                                f"--atol and --rtol; drop it, or use --sampler heun for a fixed count")
-        return name, 0  # 0: adaptive
-    if steps is None:
-        steps = FLOW_STEPS[name] if name in FLOW_STEPS else default[1]
-    return name, steps
-
-
-def check_sampler_fits(name, objective):
-    """One line when the sampler cannot sample a model trained with `objective`."""
-    if name in SAMPLERS_FOR[objective]:
-        return
-    needs = " or ".join(o for o in SAMPLERS_FOR if name in SAMPLERS_FOR[o])  # "eps or v", "flow"
-    choices = SAMPLERS_FOR[objective]
-    raise cli.UserError(f"--sampler {name} needs {'an' if needs[0] in 'aeiou' else 'a'} {needs} checkpoint; this "
-                        f"one was trained with {objective}: use {', '.join(choices[:-1])} or {choices[-1]}")
 
 
 def _check_options(cfg_interval, atol, rtol, sde_diffusion):
@@ -351,18 +313,6 @@ def _check_options(cfg_interval, atol, rtol, sde_diffusion):
         raise cli.UserError(f"--sde-diffusion {sde_diffusion} must be 0 (no noise: euler) or more, e.g. 1.0")
 
 
-def _gaussian_process(name, steps, diffusion_args):
-    respacing = {"ddpm": str(steps), "ddim": f"ddim{steps}", "dpm-solver": ""}[name]
-    try:
-        diffusion = create_process(diffusion_args, respacing)
-    except ValueError as e:
-        raise cli.UserError(f"--num-sampling-steps {steps} does not work with --sampler {name}: {e}") from None
-    if name == "dpm-solver" and steps > diffusion.num_timesteps:
-        raise cli.UserError(f"--num-sampling-steps {steps} exceeds the {diffusion.num_timesteps} steps of the "
-                            f"process; use at most {diffusion.num_timesteps} (25 is typical)")
-    return diffusion
-
-
 def check_cfg_scale(cfg_scale):
     """Refuse nan/inf (every image would come out blank); warn below 1."""
     if not np.isfinite(cfg_scale):
@@ -373,21 +323,24 @@ def check_cfg_scale(cfg_scale):
                       f"(1 = no guidance, the paper uses 1.5 for FID and 4 for visuals)", stacklevel=2)
 
 
-def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interval=None, block_cache=None):
+def _guided(model, cfg_scale, guide_all_channels, precision, device, noise_level, cfg_interval=None,
+            block_cache=None):
     """The model function the samplers call, with guidance and autocast, returning float32.
-    With cfg_interval, steps whose noise level is outside it run the conditional half alone
-    (its prediction serves both halves of the doubled batch). block_cache: a BlockCache that runs
-    the model (each call one step of it)."""
+    With cfg_interval, steps whose noise level (noise_level(t): the process's) is outside it run
+    the conditional half alone (its prediction serves both halves of the doubled batch).
+    block_cache: a BlockCache that runs the model (each call one step of it)."""
     def run(x, t, y):
         return model(x, t, y) if block_cache is None else block_cache(model, x, t, y)
 
     def forward(x, t, y):
+        # One value read to the host, and only where a decision needs it.
+        level = noise_level(t) if block_cache is not None or cfg_interval is not None else None
         if block_cache is not None:
-            block_cache.next_call(float(t[0]) / TIMESTEP_SCALE)
+            block_cache.next_call(level)
         with cli.autocast(precision, device):
             if cfg_scale == 1:
                 return run(x, t, y).float()
-            if cfg_interval is not None and not _guided_at(t, cfg_interval):
+            if cfg_interval is not None and not cfg_interval[0] <= level <= cfg_interval[1]:
                 half = len(x) // 2
                 conditional = run(x[:half], t[:half], y[:half]).float()
                 return torch.cat([conditional, conditional])
@@ -398,34 +351,32 @@ def _guided(model, cfg_scale, guide_all_channels, precision, device, cfg_interva
     return forward
 
 
-def _guided_at(t, cfg_interval):
-    """Whether the step's noise level (the model's timestep input / 1000: t for flow, the original
-    timestep / 1000 for eps and v) is inside [low, high]. Reads one value to the host."""
-    level = float(t[0]) / TIMESTEP_SCALE
-    return cfg_interval[0] <= level <= cfg_interval[1]
+class _Counted:
+    """forward, counting the batch rows it evaluates: nfe(rows of a whole batch) is then the model
+    evaluations per sample, also where a sampler calls the model on a part of the batch (dopri5)."""
 
+    def __init__(self, forward):
+        self.forward, self.rows = forward, 0
 
-def _counted(forward, sampler):
-    """forward, counting its calls into sampler.nfe."""
-    sampler.nfe = 0
+    def __call__(self, x, *args, **kwargs):
+        self.rows += len(x)
+        return self.forward(x, *args, **kwargs)
 
-    def call(*args, **kwargs):
-        sampler.nfe += 1
-        return forward(*args, **kwargs)
-    return call
+    def nfe(self, batch_rows):
+        return round(self.rows / batch_rows)
 
 
 @torch.no_grad()
 def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=False, precision="fp32",
              step_noise=None, progress=False):
-    """Latents (n, C, H, W) for `labels` starting from `noise` (n, C, H, W).
+    """(latents (n, C, H, W) for `labels` starting from `noise` (n, C, H, W), Stats).
 
     With guidance the batch is doubled as in the original ([noise, noise], [labels, null]);
     cfg_scale == 1 runs the plain conditional model on n samples. The ddpm and sde samplers draw
     their per-step noise from the global RNG (ddpm exactly as the original sample.py) unless
     `step_noise` is given: a function returning the next (n, C, H, W) noise (per-sample seeded
-    streams; dopri5 then also solves each sample on its own steps). sampler.nfe counts the model
-    evaluations per sample."""
+    streams; dopri5 then also solves each sample on its own steps). Stats: the model evaluations
+    per sample (nfe) and the DiT blocks run (block_evals, with caching)."""
     device = noise.device
     n = len(labels)
     y = torch.as_tensor(labels, device=device, dtype=torch.long)
@@ -435,88 +386,15 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     if cfg_scale != 1:
         z = torch.cat([noise, noise], 0)
         y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)
-    # Guiding only the first three channels is the release's quirk, kept for eps to reproduce its FID;
-    # v and flow models have no such history and guide every channel.
-    guide_all_channels = guide_all_channels or sampler.objective != "eps"
     block_cache = None
     if sampler.cache_interval > 1:
         check_cache_fits(model, sampler)
         block_cache = BlockCache(sampler.cache_interval, sampler.cache_start, sampler.cache_above)
-    forward = _counted(_guided(model, cfg_scale, guide_all_channels, precision, device, sampler.cfg_interval,
-                               block_cache), sampler)
-    kwargs = dict(y=y)
-
-    if sampler.objective == "flow":
-        out = _flow_sample(sampler, forward, z, y, n, step_noise, progress)
-    elif sampler.name == "ddpm" and step_noise is None:
-        out = sampler.diffusion.p_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
-                                              progress=progress, device=device)
-    elif sampler.name == "ddpm":
-        out = _ddpm_seeded(sampler.diffusion, forward, z, kwargs, step_noise, n, progress)
-    elif sampler.name == "ddim":
-        out = sampler.diffusion.ddim_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
-                                                 progress=progress, device=device, eta=0.0)
-    else:
-        prediction = "v_prediction" if sampler.objective == "v" else "epsilon"
-        out = dpm_solver_sample_loop(forward, z, sampler.diffusion.betas, sampler.steps, kwargs, progress,
-                                     prediction_type=prediction)
-    sampler.block_evals = block_cache.block_evals if block_cache is not None else 0
-    return out[:n]
-
-
-def _noise_source(z, n, step_noise):
-    """The next per-step noise for the (maybe doubled) batch z: step_noise()'s n draws, repeated for
-    the guided half, or the global RNG."""
-    if step_noise is None:
-        return lambda: torch.randn_like(z)
-    return lambda: step_noise().to(z.device).repeat(len(z) // n, 1, 1, 1)
-
-
-def _flow_sample(sampler, forward, z, y, n, step_noise, progress):
-    """Integrate the flow model's ODE (or SDE) from z at t = 1 to t = 0 (z, y: n samples, or the
-    guided 2n)."""
-    velocity = _velocity(forward, y, z.shape[1])
-    if sampler.name == "euler":
-        return flow.euler_sample(velocity, z, sampler.steps, progress)
-    if sampler.name == "heun":
-        return flow.heun_sample(velocity, z, sampler.steps, progress)
-    if sampler.name == "sde":
-        return flow.sde_sample(velocity, z, sampler.steps, sampler.sde_diffusion, _noise_source(z, n, step_noise),
-                               progress)
-    if step_noise is None:
-        return flow.dopri5_sample(velocity, z, sampler.atol, sampler.rtol)
-    # Seeded mode (sample_ddp.py, generate_from_checkpoint) promises samples that do not depend on
-    # their batch; an adaptive step size shared by a batch would. So each sample (with its guided
-    # twin) is solved on its own steps: batch-1 model calls, the price of that promise.
-    out = torch.empty_like(z)
-    for i in range(n):
-        out[i::n] = flow.dopri5_sample(_velocity(forward, y[i::n], z.shape[1]), z[i::n], sampler.atol, sampler.rtol)
-    sampler.nfe = round(sampler.nfe / n)  # per sample, as for the other samplers
-    return out
-
-
-def _velocity(forward, y, channels):
-    """velocity(x, t) for the flow integrators: t a float, or a 0-d tensor (dopri5); the model sees t * 1000."""
-    def velocity(x, t):
-        timesteps = torch.as_tensor(t, dtype=torch.float32, device=x.device).mul(TIMESTEP_SCALE).expand(len(x))
-        return forward(x, timesteps, y)[:, :channels]
-    return velocity
-
-
-def _ddpm_seeded(diffusion, forward, x, kwargs, step_noise, n, progress):
-    """Ancestral sampling whose per-step noise comes from step_noise(), so each sample's result
-    depends on its own seed only, not on which batch or process it ran in."""
-    steps = range(diffusion.num_timesteps - 1, -1, -1)
-    for i in tqdm(steps, desc="sampling", leave=False) if progress else steps:
-        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
-        out = diffusion.p_mean_variance(forward, x, t, clip_denoised=False, model_kwargs=kwargs)
-        if i == 0:  # no noise on the last step
-            x = out["mean"]
-            break
-        noise = step_noise().to(x.device)
-        noise = noise.repeat(len(x) // n, 1, 1, 1)  # the guided half follows the conditional one
-        x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
-    return x
+    forward = _Counted(_guided(model, cfg_scale, guide_all_channels or sampler.guide_all_channels, precision, device,
+                               sampler.diffusion.noise_level, sampler.cfg_interval, block_cache))
+    job = samplers.Job(forward, z, dict(y=y), n, sampler.steps, sampler.options, step_noise, progress)
+    out = samplers.SAMPLERS[sampler.name].run(sampler.diffusion, job)
+    return out[:n], Stats(forward.nfe(len(z)), block_cache.block_evals if block_cache is not None else 0)
 
 
 def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_sampling_steps=None, seed=0,
@@ -528,7 +406,7 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_samp
     sampler / num_sampling_steps None: the checkpoint objective's default (dpm-solver 25 for eps
     and v unless sampler_options' `default` says otherwise); sampler_options: make_sampler's.
     compile, quantize: sample.py's --compile and --quantize.
-    With return_sampler, (images, the Sampler used: its name, steps and nfe).
+    With return_sampler, (images, the Sampler used (its name and steps), Stats averaged over the samples).
 
     Sample i draws its noise from a generator seeded with (seed, i), as sample_ddp.py does, so
     the images depend on the seed and the labels only (up to rounding for another batch size)."""
@@ -542,17 +420,25 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_samp
                           **{"default": ("dpm-solver", 25), **sampler_options})
     decode = load_decoder(settings, device, tiling=vae_tiling)
     shape = settings.latent_shape()
-    out = []
+    out, stats = [], []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="batches", leave=False) if progress else starts:
         generators = seeded_generators(seed, range(start, min(start + batch_size, len(labels))))
         noise = draw(generators, shape).to(device)
-        latents = generate(model, chosen, labels[start:start + batch_size], cfg_scale, noise,
-                           guide_all_channels=guide_all_channels, precision=precision,
-                           step_noise=lambda: draw(generators, shape))
+        latents, batch_stats = generate(model, chosen, labels[start:start + batch_size], cfg_scale, noise,
+                                        guide_all_channels=guide_all_channels, precision=precision,
+                                        step_noise=lambda: draw(generators, shape))
         out.append(cli.to_uint8(decode(latents)))
+        stats.append((batch_stats, len(generators)))
     images = np.concatenate(out)
-    return (images, chosen) if return_sampler else images
+    return (images, chosen, _mean_stats(stats)) if return_sampler else images
+
+
+def _mean_stats(weighted):
+    """Stats averaged over (Stats, sample count) pairs."""
+    total = sum(count for _, count in weighted)
+    return Stats(*(round(sum(getattr(stats, field.name) * count for stats, count in weighted) / total)
+                   for field in dataclasses.fields(Stats)))
 
 
 def seeded_generators(global_seed, indices):

@@ -22,7 +22,8 @@ Checkpoints (results/NNN-MODEL/checkpoints/STEP.pt, format in checkpoint.py) rec
 constructor arguments, so `sample.py --ckpt STEP.pt` needs no other flag. `--resume auto`
 continues the latest readable checkpoint of the latest experiment folder of this --model (a
 fresh start if there is none), `--resume PATH` a given one; both continue with the same step
-count, data order and random draws, so the weights match an uninterrupted run exactly. A
+count, data order and random draws, so the weights match an uninterrupted run exactly, and with
+the checkpoint's process (its --objective and t sampling: such flags may only repeat it). A
 resume from a checkpoint that is not its folder's latest continues in a new experiment folder,
 so the later checkpoints and logs of the first run are kept. The results folder must be
 shared by all machines.
@@ -65,9 +66,10 @@ import distributed
 import files
 import metrics
 import vae as vae_lib
-from diffusion import OBJECTIVES, create_process
-from diffusion.flow import T_SAMPLINGS
 from checkpoint import describe_state_dict, load_weights
+from diffusion import (ProcessError, add_process_flags, create_process, objective_of, process_model_args,
+                       run_diffusion_args)
+from diffusion.samplers import check_fits
 from fast import compile_model
 from models import model_args_for
 
@@ -79,15 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--feature-path", type=str, default=None, help="features from extract_features.py instead")
     parser.add_argument("--results-dir", type=str, default="results")
     cli.add_model_flags(parser, training=True)
-    parser.add_argument("--objective", choices=OBJECTIVES, default="eps",
-                        help="eps: the release's noise prediction with learned sigma (hybrid loss); v: "
-                             "v-prediction on the same schedule, learned sigma too; flow: linear flow matching, "
-                             "x_t = (1 - t) x_0 + t eps, velocity target, the model fed t * 1000 (default eps)")
-    parser.add_argument("--t-sampling", choices=T_SAMPLINGS, default=None,
-                        help="--objective flow: how t is drawn (default uniform); logit-normal: "
-                             "t = sigmoid(--t-mean + --t-scale * n), n ~ N(0, 1), as Stable Diffusion 3")
-    parser.add_argument("--t-mean", type=cli.finite_float, default=None, help="logit-normal: location (default 0.0)")
-    parser.add_argument("--t-scale", type=cli.finite_float, default=None, help="logit-normal: scale (default 1.0)")
+    add_process_flags(parser)  # --objective, --t-sampling, ...: None when not given (a resume: the checkpoint's)
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (--no-hflip for data where a mirror image is another "
                              "thing, such as digits)")
@@ -117,31 +111,7 @@ def parse_args(argv=None):
     cli.add_device_flags(parser, precision="tf32", compile=True)
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
-    return check_objective_flags(parser.parse_args(argv))
-
-
-def check_objective_flags(args):
-    """The t-sampling flags belong to flow; the sampler of the grids must fit the objective.
-    Fills in the flow's defaults."""
-    import sampling  # lazily, as train_loop
-
-    given = [f"--{name.replace('_', '-')}" for name in ("t_sampling", "t_mean", "t_scale")
-             if getattr(args, name) is not None]
-    if given and args.objective != "flow":
-        raise cli.UserError(f"{', '.join(given)} only apply to --objective flow (this run: {args.objective}); "
-                            f"drop them or add --objective flow")
-    if args.objective == "flow":
-        args.t_sampling = args.t_sampling or "uniform"
-        if args.t_sampling == "uniform" and (args.t_mean is not None or args.t_scale is not None):
-            raise cli.UserError("--t-mean and --t-scale shape the logit-normal; add --t-sampling logit-normal or "
-                                "drop them")
-        args.t_mean = 0.0 if args.t_mean is None else args.t_mean
-        args.t_scale = 1.0 if args.t_scale is None else args.t_scale
-        if args.t_scale <= 0:
-            raise cli.UserError(f"--t-scale {args.t_scale} must be positive, e.g. 1.0")
-    if args.sampler is not None:
-        sampling.check_sampler_fits(args.sampler, args.objective)
-    return args
+    return parser.parse_args(argv)
 
 
 def resolve_args(args):
@@ -389,7 +359,8 @@ def build_state(run):
     args = run.args
     torch.manual_seed(args.global_seed)
     model_args = model_args_for(args.model, input_size=args.input_size, in_channels=args.in_channels,
-                                num_classes=args.num_classes, **cli.model_variant_args(args), **objective_dit_args(args))
+                                num_classes=args.num_classes, **cli.model_variant_args(args),
+                                **process_model_args(args.diffusion_args))
     model = checkpoint.build_model(model_args).to(run.device)
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -477,51 +448,19 @@ def log_start(run, state, dataset, steps_per_epoch, resume):
 
 
 # ------------------------------------------------------------------ one step
-def step_randomness(run, step, dropout, x_shape):
+def step_randomness(run, step, dropout, x_shape, process):
     """Every random draw of a step, made for the whole global batch from the step's seed, then
-    sliced to this process's share: see the docstring."""
+    sliced to this process's share: see the docstring. The training times are the process's
+    (timestep indices for eps and v, the release's draw; t in [0, 1] for flow)."""
     args, device = run.args, run.device
     B, mine = args.global_batch_size, slice(run.rank, None, run.world_size)
     gen = torch.Generator(device=device).manual_seed(step_seed(args.global_seed, step))
     flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[mine]
     drop = (torch.rand(B, generator=gen, device=device) < dropout)[mine].long()
-    t = draw_timesteps(args, B, gen, device)[mine]
+    t = process.training_times(B, gen, device)[mine]
     latent_noise = torch.randn((B, 4, *cli.height_width(args.input_size)), generator=gen, device=device)[mine]
     noise = torch.randn((B, *x_shape), generator=gen, device=device)[mine]
     return flip, drop, t, latent_noise, noise
-
-
-def draw_timesteps(args, n, generator, device):
-    """The global batch's training times: timestep indices of the 1000-step Gaussian process for
-    eps and v (the release's draw), t in [0, 1] for flow."""
-    if args.objective == "flow":
-        return create_process(diffusion_args_for(args)).sample_t(n, generator, device)
-    return torch.randint(0, DIFFUSION_STEPS, (n,), generator=generator, device=device)
-
-
-def diffusion_args_for(args):
-    """The process this run trains, as its checkpoints record it: the release's settings for eps
-    (no "objective" key, so they stay as they were), plus "objective": "v" for v; for flow, the
-    objective and its t sampling."""
-    if args.objective == "flow":
-        shape = {"t_mean": args.t_mean, "t_scale": args.t_scale} if args.t_sampling == "logit-normal" else {}
-        return {"objective": "flow", "t_sampling": args.t_sampling, **shape}
-    if args.objective == "v":
-        return {**checkpoint.DEFAULT_DIFFUSION_ARGS, "objective": "v"}
-    return dict(checkpoint.DEFAULT_DIFFUSION_ARGS)
-
-
-def objective_dit_args(args):
-    """DiT arguments the objective sets: a flow model predicts the velocity alone (no sigma channels)."""
-    return {"learn_sigma": False} if args.objective == "flow" else {}
-
-
-def check_resume_objective(ckpt, path, args):
-    """A checkpoint continues only with the objective (and t sampling) it was trained with."""
-    theirs, ours = ckpt.get("diffusion_args") or dict(checkpoint.DEFAULT_DIFFUSION_ARGS), diffusion_args_for(args)
-    if theirs != ours:
-        raise cli.UserError(f"--resume {path} was trained with {theirs} but this run asks for {ours}; pass the "
-                            f"--objective (and --t-sampling flags) it was trained with")
 
 
 @torch.no_grad()
@@ -639,7 +578,7 @@ def save_checkpoint(run, state, steps_per_epoch):
         progress = {"train_steps": state.train_steps, "epoch": state.epoch, "batches_in_epoch": state.batches_done,
                     "world_size": run.world_size}
         checkpoint.save(checkpoint.train_state(state.model, state.ema, state.opt, state.scaler, run.args,
-                                               diffusion_args_for(run.args), progress), path)
+                                               run.args.diffusion_args, progress), path)
         run.logger.info(f"Saved checkpoint to {path}")
         if run.args.keep_last > 0:  # only this run's folder: a resume from an earlier step gets a new one
             for old in checkpoints_in(run.experiment_dir)[:-run.args.keep_last]:
@@ -655,8 +594,8 @@ def generate(run, ema, sampler, noise, labels, cfg_scale, vae, seed):
 
     with torch.random.fork_rng(devices=[noise.device] if noise.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = sampling.generate(ema, sampler, labels, cfg_scale, noise, precision=run.args.precision,
-                                guide_all_channels=run.args.cfg_all_channels)
+        out, _ = sampling.generate(ema, sampler, labels, cfg_scale, noise, precision=run.args.precision,
+                                   guide_all_channels=run.args.cfg_all_channels)
     return cli.to_uint8(vae_lib.decode(vae, out) if vae is not None else out)
 
 
@@ -718,16 +657,30 @@ def evaluate_fid(run, state, sampler, vae):
 
 
 # ------------------------------------------------------------------ the run
-DIFFUSION_STEPS = checkpoint.DEFAULT_DIFFUSION_ARGS["diffusion_steps"]
-
-
 def main(argv=None):
     args = resolve_args(parse_args(argv))
     rank, world_size, device = distributed.setup(args.device)
     try:
-        train(Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size)))
+        run = Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size))
+        resume = start_resume(run)
+        apply_checkpoint_settings(args, resume.ckpt)
+        train(run, resume)
     finally:
         distributed.cleanup()
+
+
+def apply_checkpoint_settings(args, ckpt):
+    """What the checkpoint a run resumes decides, set on args before anything is built (ckpt None:
+    a fresh run, from the flags). Its process: args.diffusion_args, the checkpoint's, which the
+    process flags (--objective, --t-sampling, ...) may only repeat; a fresh run's from the flags.
+    The one place for every setting a checkpoint decides."""
+    try:
+        args.diffusion_args = run_diffusion_args(args, ckpt["diffusion_args"] if ckpt is not None else None)
+        if args.sampler is not None:  # the sampler of the grids and --eval-every
+            check_fits(args.sampler, objective_of(args.diffusion_args))
+    except ProcessError as e:
+        raise cli.UserError(str(e)) from None
+    return args
 
 
 # DDP's bucket size over gloo (CPU), against its 25 MB default: smaller buckets start the all-reduce
@@ -745,12 +698,12 @@ def wrap_ddp(run, model):
     return DDP(model, gradient_as_bucket_view=True, bucket_cap_mb=GLOO_BUCKET_MB)
 
 
-def train(run):
+def train(run, resume):
+    """Train from the start, or on from `resume` (start_resume's, whose settings are already on run.args)."""
     args = run.args
     distributed.share_cpu_threads(run.device, args.cpu_threads)
     cli.set_tf32(args.precision, run.device)
     dataset, sampler, loader, steps_per_epoch = build_data(run)
-    resume = start_resume(run)
     need_vae = args.vae != "none" and (not args.feature_path or (run.rank == 0 and args.sample_every)
                                        or args.eval_every)
     vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
@@ -788,8 +741,8 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
     import sampling  # for the sampler of grids and --eval-every
 
     args = run.args
-    diffusion = create_process(diffusion_args_for(args))
-    watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps, diffusion_args_for(args),
+    diffusion = create_process(args.diffusion_args)
+    watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps, args.diffusion_args,
                                     **sampling.sampler_options(args)) if args.sample_every or args.eval_every else None
     dropout = state.model.y_embedder.dropout_prob
     x_shape = (args.in_channels, *cli.height_width(args.input_size))
@@ -799,7 +752,7 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
     while state.epoch < args.epochs and state.train_steps < max_steps:
         sampler.set_epoch(state.epoch, skip=state.batches_done * run.local_batch)
         for batch in loader:
-            flip, drop, t, latent_noise, noise = step_randomness(run, state.train_steps, dropout, x_shape)
+            flip, drop, t, latent_noise, noise = step_randomness(run, state.train_steps, dropout, x_shape, diffusion)
             x, y = model_input(run, batch, flip, latent_noise, vae)
             inputs = (x, t, dict(y=y, force_drop_ids=drop) if dropout > 0 else dict(y=y), noise)
             window.add(train_step(run, state, diffusion, inputs))

@@ -61,12 +61,12 @@ def count_blocks(model):
 
 
 def sample_digits(model, settings, sampler, labels, cfg_scale, seed):
-    """uint8 images for labels, seeded per sample as sample_ddp.py, in one batch."""
+    """(uint8 images for labels, sampling.Stats), seeded per sample as sample_ddp.py, in one batch."""
     generators = sampling.seeded_generators(seed, range(len(labels)))
     shape = (settings.in_channels, settings.latent_size, settings.latent_size)
-    latents = sampling.generate(model, sampler, labels, cfg_scale, sampling.draw(generators, shape),
-                                step_noise=lambda: sampling.draw(generators, shape))
-    return cli.to_uint8(latents)
+    latents, stats = sampling.generate(model, sampler, labels, cfg_scale, sampling.draw(generators, shape),
+                                       step_noise=lambda: sampling.draw(generators, shape))
+    return cli.to_uint8(latents), stats
 
 
 def score_runs(args, results):
@@ -88,12 +88,12 @@ def score_runs(args, results):
                                                 cache_start=args.cache_start, cache_above=args.cache_above)
                 calls.clear()
                 start = time.perf_counter()
-                images = sample_digits(model, settings, sampler, labels.tolist(), cfg, args.seed)
+                images, stats = sample_digits(model, settings, sampler, labels.tolist(), cfg, args.seed)
                 seconds = time.perf_counter() - start
                 score = scorer.score(images, labels)
                 results[key] = dict(sampler=name, steps=int(steps), cfg=cfg, interval=interval,
                                     start=args.cache_start, above=args.cache_above, samples=len(labels),
-                                    nfe=sampler.nfe,
+                                    nfe=stats.nfe,
                                     block_evals=len(calls), seconds=seconds, accuracy=score["accuracy"],
                                     frechet_distance=score["frechet_distance"])
                 save_json(results, args.out)

@@ -166,7 +166,7 @@ def train_speed(args, state, device):
             start = time.perf_counter()
         x = host[step % 2].to(device, non_blocking=True)
         y = labels.to(device, non_blocking=True)
-        t = torch.randint(0, 1000, (b,), device=device)
+        t = diffusion.training_times(b, device=device)
         train.train_step(run, state, diffusion, (x, t, dict(y=y), torch.randn_like(x)))
     sync(device)
     seconds = time.perf_counter() - start

@@ -91,12 +91,12 @@ def ddim_steps(nfe):
 def score(ckpt, name, steps, cfg, scorer, per_class):
     labels = np.repeat(np.arange(digits.NUM_CLASSES), per_class)
     start = time.perf_counter()
-    images, sampler = sampling.generate_from_checkpoint(ckpt, labels.tolist(), cfg_scale=cfg, sampler=name,
-                                                        num_sampling_steps=steps, batch_size=500,
-                                                        return_sampler=True)
+    images, sampler, stats = sampling.generate_from_checkpoint(ckpt, labels.tolist(), cfg_scale=cfg, sampler=name,
+                                                               num_sampling_steps=steps, batch_size=500,
+                                                               return_sampler=True)
     seconds = time.perf_counter() - start
     result = scorer.score(images, labels)
-    return {"sampler": name, "steps": sampler.steps, "nfe": sampler.nfe, "cfg": cfg, "accuracy": result["accuracy"],
+    return {"sampler": name, "steps": sampler.steps, "nfe": stats.nfe, "cfg": cfg, "accuracy": result["accuracy"],
             "fd": result["frechet_distance"], "seconds_per_image": seconds / len(labels)}
 
 

@@ -140,8 +140,8 @@ def main(argv=None):
         out, start = [], time.perf_counter()
         for i in range(0, args.num_images, args.batch_size):
             torch.manual_seed(args.seed + i)  # DDPM's per-step noise
-            latents = sampling.generate(model, chosen, labels[i:i + args.batch_size], args.cfg_scale,
-                                        noise[i:i + args.batch_size])
+            latents, _ = sampling.generate(model, chosen, labels[i:i + args.batch_size], args.cfg_scale,
+                                           noise[i:i + args.batch_size])
             out.append(decode(latents).float().clamp(-1, 1).cpu())
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -35,8 +35,8 @@ def canvas(model, settings, height, width, per_class, cfg_scale, seed):
     generators = sampling.seeded_generators(seed, range(len(labels)))
     shape = (settings.in_channels, height, width)
     noise = sampling.draw(generators, shape)
-    latents = sampling.generate(model, sampler, labels, cfg_scale, noise,
-                                step_noise=lambda: sampling.draw(generators, shape))
+    latents, _ = sampling.generate(model, sampler, labels, cfg_scale, noise,
+                                   step_noise=lambda: sampling.draw(generators, shape))
     return cli.to_uint8(latents)[..., 0]
 
 

@@ -9,12 +9,13 @@ latents), and the model is called with the scheduler's original timestep indices
 model (train.py --objective v) runs through the same solver with prediction_type="v_prediction".
 """
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 
 def make_scheduler(betas, num_steps, prediction_type="epsilon"):
     """The solver's timestep grid over the training process: num_steps points from T-1 towards 0."""
+    from diffusers import DPMSolverMultistepScheduler  # heavy, and only this sampler needs it
+
     if not 1 <= num_steps <= len(betas):
         raise ValueError(f"the DPM-Solver needs between 1 and {len(betas)} steps, got {num_steps}")
     scheduler = DPMSolverMultistepScheduler(

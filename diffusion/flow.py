@@ -40,11 +40,27 @@ class LinearFlow:
             raise ValueError(f"the logit-normal needs a finite mean and a positive scale, got {t_mean}, {t_scale}")
         self.t_sampling, self.t_mean, self.t_scale = t_sampling, t_mean, t_scale
 
-    def sample_t(self, n, generator=None, device=None):
+    learns_sigma = False  # the model predicts the velocity alone
+
+    def training_times(self, n, generator=None, device=None):
         """n training times in [0, 1] (one draw of n values from `generator`)."""
         if self.t_sampling == "uniform":
             return torch.rand(n, generator=generator, device=device)
         return torch.sigmoid(self.t_mean + self.t_scale * torch.randn(n, generator=generator, device=device))
+
+    @staticmethod
+    def noise_level(model_t):
+        """The noise level in [0, 1] of the model's timestep input, t (its first value, read to the host)."""
+        return float(model_t[0]) / TIMESTEP_SCALE
+
+    @staticmethod
+    def velocity_field(model, model_kwargs, channels):
+        """velocity(x, t) for the samplers below, from model(x, t * 1000, **model_kwargs)'s first
+        `channels` channels; t a float, or a 0-d tensor (dopri5)."""
+        def velocity(x, t):
+            timesteps = torch.as_tensor(t, dtype=torch.float32, device=x.device).mul(TIMESTEP_SCALE).expand(len(x))
+            return model(x, timesteps, **model_kwargs)[:, :channels]
+        return velocity
 
     @staticmethod
     def q_sample(x_start, t, noise):

@@ -120,6 +120,19 @@ class GaussianDiffusion:
             setattr(self, name, values)
         self._tables = DeviceCopies(**{name: torch.from_numpy(values) for name, values in tables.items()})
 
+    @property
+    def learns_sigma(self):
+        """Whether the model outputs the variance too (2 * C channels)."""
+        return self.model_var_type == ModelVarType.LEARNED_RANGE
+
+    def training_times(self, n, generator=None, device=None):
+        """n training timesteps, uniform over the process's steps (one draw from `generator`)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+
+    def noise_level(self, model_t):
+        """The noise level in [0, 1] of the model's timestep input (its first value, read to the host)."""
+        return float(model_t[0]) / self.num_timesteps
+
     def _lookup(self, name, t, broadcast_shape):
         """Table `name` at timesteps t as float32 on t's device, broadcast to broadcast_shape."""
         values = self._tables.get(name, t.device)[t].float()  # gathered in float64, cast after

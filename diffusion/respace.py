@@ -68,6 +68,10 @@ class SpacedDiffusion(GaussianDiffusion):
         super().__init__(**kwargs)
         self._original_timesteps = DeviceCopies(timestep_map=torch.tensor(self.timestep_map, dtype=torch.long))
 
+    def noise_level(self, model_t):
+        """The noise level in [0, 1] of the model's timestep input: an original timestep / their count."""
+        return float(model_t[0]) / self.original_num_steps
+
     def _wrap(self, model):
         if isinstance(model, _OriginalTimesteps):
             return model

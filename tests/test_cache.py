@@ -55,9 +55,9 @@ def test_a_cache_that_reuses_nothing_changes_no_bit(block):
 
 def test_interval_1_is_the_default_sampler_exactly():
     model = random_model()
-    default = sampling.generate(model, sampling.make_sampler("ddim", 6), [1, 2, 3], 4.0, noise())
+    default, _ = sampling.generate(model, sampling.make_sampler("ddim", 6), [1, 2, 3], 4.0, noise())
     sampler = sampling.make_sampler("ddim", 6, cache_interval=1, cache_start=1)
-    assert torch.equal(sampling.generate(model, sampler, [1, 2, 3], 4.0, noise()), default)
+    assert torch.equal(sampling.generate(model, sampler, [1, 2, 3], 4.0, noise())[0], default)
     assert sampler.settings()["cache_interval"] == 1 and sampler.settings()["cache_start"] is None
 
 
@@ -71,9 +71,9 @@ def test_cached_samples_stay_close_to_the_uncached(block, name, steps):
     features vary far more between steps than a trained model's: on the trained digits model the
     scores do not move, see the README), and less than with more reuse (interval 4)."""
     model = random_model(block)
-    exact = sampling.generate(model, sampling.make_sampler(name, steps), [1, 2, 3], 1.0, noise())
+    exact, _ = sampling.generate(model, sampling.make_sampler(name, steps), [1, 2, 3], 1.0, noise())
     errors = [relative_error(sampling.generate(model, sampling.make_sampler(name, steps, cache_interval=interval),
-                                               [1, 2, 3], 1.0, noise()), exact) for interval in (2, 4)]
+                                               [1, 2, 3], 1.0, noise())[0], exact) for interval in (2, 4)]
     assert 0 < errors[0] < errors[1] and errors[0] < 0.25
 
 
@@ -110,9 +110,9 @@ def test_block_evaluations_drop_as_designed_for_every_block(block, interval, sta
     model = random_model(block)
     calls = count_blocks(model)
     sampler = sampling.make_sampler("dpm-solver", 7, cache_interval=interval, cache_start=start)
-    out = sampling.generate(model, sampler, [1, 2, 3], 4.0, noise())  # guided: the doubled batch
+    out, stats = sampling.generate(model, sampler, [1, 2, 3], 4.0, noise())  # guided: the doubled batch
     assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
-    assert len(calls) == sampler.block_evals == expected_block_evals(7, interval, start)
+    assert len(calls) == stats.block_evals == expected_block_evals(7, interval, start)
 
 
 @pytest.mark.parametrize("name, steps, diffusion_args, nfe", [
@@ -122,10 +122,10 @@ def test_every_sampler_of_every_objective_caches(name, steps, diffusion_args, nf
     model = random_model()
     calls = count_blocks(model)
     sampler = sampling.make_sampler(name, steps, diffusion_args, cache_interval=2)
-    cached = sampling.generate(model, sampler, [1, 2, 3], 2.0, noise())
-    assert sampler.nfe == nfe and len(calls) == sampler.block_evals == expected_block_evals(nfe, 2, 0)
+    cached, stats = sampling.generate(model, sampler, [1, 2, 3], 2.0, noise())
+    assert stats.nfe == nfe and len(calls) == stats.block_evals == expected_block_evals(nfe, 2, 0)
     calls.clear()
-    exact = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args), [1, 2, 3], 2.0, noise())
+    exact, _ = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args), [1, 2, 3], 2.0, noise())
     assert len(calls) == 2 * nfe and not torch.equal(cached, exact)
 
 
@@ -189,7 +189,8 @@ def test_flags_reach_digits_score(pixel_ckpt, monkeypatch):
 
     def fake_generate(ckpt, labels, **kwargs):
         seen.update(kwargs)
-        return np.zeros((len(labels), 8, 8, 1), np.uint8), SimpleNamespace(name="ddim", steps=4, nfe=4)
+        return (np.zeros((len(labels), 8, 8, 1), np.uint8), SimpleNamespace(name="ddim", steps=4),
+                sampling.Stats(nfe=4))
     monkeypatch.setattr(sampling, "generate_from_checkpoint", fake_generate)
     monkeypatch.setattr(digits, "DigitScorer", lambda: SimpleNamespace(
         score=lambda images, labels: {"accuracy": 0.0, "frechet_distance": 0.0}))

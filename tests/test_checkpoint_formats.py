@@ -24,6 +24,7 @@ import train
 import vae as vae_lib
 from conftest import ROOT
 from conftest import assert_close_to_golden as assert_close  # rtol 1e-4, atol 1e-5 x magnitude
+from diffusion import process_model_args, run_diffusion_args
 
 tiny_dit.register()
 HUB_ID = "facebook/DiT-XL-2-256"  # the released weights' diffusers copy, faked by a tiny pipeline
@@ -41,9 +42,8 @@ def latent_ckpt(tmp_path_factory):
 def write_objective_checkpoint(path, objective, num_classes=1000):
     """A train.py checkpoint of a tiny latent DiT (8x8 latents, 64 px) trained with `objective`: its
     model_args and diffusion_args as train.py records them (a flow model has no sigma channels)."""
-    kwargs = dict(input_size=8, in_channels=4, num_classes=num_classes, **train.objective_dit_args(
-        types.SimpleNamespace(objective=objective)))
-    process = train.diffusion_args_for(types.SimpleNamespace(objective=objective, t_sampling="uniform"))
+    process = run_diffusion_args(types.SimpleNamespace(objective=objective))
+    kwargs = dict(input_size=8, in_channels=4, num_classes=num_classes, **process_model_args(process))
     torch.save({"model": tiny_dit.random_state_dict(1, **kwargs), "ema": tiny_dit.random_state_dict(0, **kwargs),
                 "opt": {}, "args": {"model": tiny_dit.TINY_MODEL, "image_size": 64, "vae": "ema"}, "train_steps": 10,
                 "epoch": 1, "model_args": dict(tiny_dit.tiny(**kwargs).model_args), "diffusion_args": process}, path)
@@ -173,7 +173,7 @@ def test_export_samples_in_dit_pipeline_as_our_ddim_does_on_the_original(objecti
     model, original = our_model(ckpt)
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     sampler = sampling.make_sampler("ddim", steps, original.diffusion_args)
-    latents = sampling.generate(model, sampler, labels, 4.0, noise, guide_all_channels=True)
+    latents, _ = sampling.generate(model, sampler, labels, 4.0, noise, guide_all_channels=True)
     assert latents.abs().max() > 0.5
     assert_close(decoded_latents[0] * pipe.vae.config.scaling_factor, latents)
     ours = vae_lib.decode(vae_lib.load_vae("ema", vae_folder), latents)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, assert_close_to_golden
-from diffusion import create_diffusion
+from diffusion import create_diffusion, create_process
 from diffusion.respace import space_timesteps
 from models import DiT
 
@@ -193,3 +193,26 @@ def test_a_one_step_process_samples(learn_sigma):
     mean = diffusion.p_mean_variance(model, z, torch.zeros(2, dtype=torch.long))["mean"]
     assert torch.isfinite(out).all() and out.abs().max() > 0.01
     torch.testing.assert_close(out, mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("diffusion_args, respacing, model_t, level", [
+    (None, "", 250, 0.25),  # the release's process: timestep / 1000
+    (None, "ddim10", 900, 0.9),  # respaced: the model sees original timesteps
+    ({"diffusion_steps": 500}, "", 250, 0.5),  # another step count: its own scale
+    ({"objective": "flow"}, "", 400.0, 0.4),  # flow: the model sees t * 1000
+])
+def test_the_process_reads_the_noise_level_of_a_model_timestep(diffusion_args, respacing, model_t, level):
+    """--cfg-interval and --cache-above compare these levels, whatever the process."""
+    process = create_process(diffusion_args, respacing)
+    assert process.noise_level(torch.tensor([model_t, model_t])) == pytest.approx(level, abs=1e-12)
+
+
+def test_training_times_are_the_releases_draw_and_flows_t():
+    """The Gaussian draw is the release's randint over the 1000 steps (the same generator calls);
+    flow's are in [0, 1], and its model has no sigma channels."""
+    gaussian, flow = create_process(None), create_process({"objective": "flow", "t_sampling": "uniform"})
+    ours = gaussian.training_times(16, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(3)))
+    t = flow.training_times(16, torch.Generator().manual_seed(3))
+    assert torch.equal(t, torch.rand(16, generator=torch.Generator().manual_seed(3)))
+    assert (gaussian.learns_sigma, flow.learns_sigma) == (True, False)

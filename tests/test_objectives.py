@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import cli
+import diffusion
 import digits
 import sample
 import sample_ddp
@@ -19,8 +21,7 @@ import sampling
 import tiny_dit
 import train
 from conftest import EXPERIMENT, pixel_args, run_main, write_images
-from diffusion import create_diffusion, create_process, flow
-from diffusion.flow import TIMESTEP_SCALE
+from diffusion import create_diffusion, create_process, flow, samplers
 
 tiny_dit.register()
 FLOW_ARGS = {"objective": "flow", "t_sampling": "uniform"}
@@ -154,7 +155,7 @@ def test_v_loss_is_the_mse_to_v():
 
 def test_logit_normal_times_follow_their_formula():
     process = create_process({"objective": "flow", "t_sampling": "logit-normal", "t_mean": 0.5, "t_scale": 2.0})
-    t = process.sample_t(5, torch.Generator().manual_seed(6))
+    t = process.training_times(5, torch.Generator().manual_seed(6))
     n = torch.randn(5, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(t, torch.sigmoid(0.5 + 2.0 * n))
 
@@ -183,8 +184,8 @@ def test_a_v_model_samples_as_the_eps_model_it_equals(name, steps):
     for objective in ("eps", "v"):
         sampler = sampling.make_sampler(name, steps, {"objective": objective, "learn_sigma": False})
         step_noise = iter(torch.randn(steps, 4, 1, 4, 4, generator=torch.Generator().manual_seed(8)))
-        out[objective] = sampling.generate(GaussianDataModel(objective), sampler, [0, 1, 2, 3], 1.0, noise,
-                                           step_noise=lambda: next(step_noise))
+        out[objective], _ = sampling.generate(GaussianDataModel(objective), sampler, [0, 1, 2, 3], 1.0, noise,
+                                              step_noise=lambda: next(step_noise))
     torch.testing.assert_close(out["v"], out["eps"], atol=1e-4, rtol=1e-4)
 
 
@@ -210,13 +211,14 @@ def test_guidance_outside_its_interval_is_the_conditional_prediction(random_flow
     model, settings = loaded(random_flow_ckpt)
     diffusion_args = settings.diffusion_args if name == "euler" else None
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(9))
-    plain = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args), [1, 2, 3], 1.0, noise)
-    outside = sampling.make_sampler(name, steps, diffusion_args, cfg_interval=inside)
-    torch.testing.assert_close(sampling.generate(model, outside, [1, 2, 3], 4.0, noise), plain, rtol=0, atol=1e-6)
-    assert outside.nfe == steps
-    everywhere = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args), [1, 2, 3], 4.0, noise)
-    partly = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args, cfg_interval=(0.5, 1.0)),
-                               [1, 2, 3], 4.0, noise)
+    plain, _ = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args), [1, 2, 3], 1.0, noise)
+    outside, stats = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args, cfg_interval=inside),
+                                       [1, 2, 3], 4.0, noise)
+    torch.testing.assert_close(outside, plain, rtol=0, atol=1e-6)
+    assert stats.nfe == steps
+    everywhere, _ = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args), [1, 2, 3], 4.0, noise)
+    partly, _ = sampling.generate(model, sampling.make_sampler(name, steps, diffusion_args, cfg_interval=(0.5, 1.0)),
+                                  [1, 2, 3], 4.0, noise)
     assert (partly - plain).abs().max() > 1e-4 and (partly - everywhere).abs().max() > 1e-4
 
 
@@ -283,7 +285,7 @@ def test_digits_score_picks_the_flow_sampler(trained, capsys, monkeypatch):
         score=lambda images, labels: {"accuracy": 0.0, "frechet_distance": 0.0}))
     monkeypatch.setattr(digits, "NUM_CLASSES", 3)
     digits.main(["score", "--ckpt", trained["flow"], "--per-class", "1"])
-    assert capsys.readouterr().out.startswith(f"heun-{sampling.FLOW_STEPS['heun']} cfg 4.0")
+    assert capsys.readouterr().out.startswith(f"heun-{samplers.SAMPLERS['heun'].steps} cfg 4.0")
 
 
 def test_a_sampler_that_does_not_fit_is_one_line(trained, tmp_path, capsys):
@@ -317,24 +319,90 @@ def test_bad_sampler_options_are_one_line(options, words):
         sampling.make_sampler("sde", 4, FLOW_ARGS, **options)
 
 
-def test_resuming_with_another_objective_is_refused(trained):
-    ckpt = torch.load(trained["v"], weights_only=True)
-    args = train.parse_args(["--model", "DiT-S/2", "--data-path", "x", "--objective", "v"])
-    train.check_resume_objective(ckpt, trained["v"], args)  # the same: fine
-    with pytest.raises(cli.UserError, match="pass the --objective"):
-        train.check_resume_objective(ckpt, trained["v"], train.parse_args(["--model", "DiT-S/2", "--data-path", "x"]))
+# ------------------------------------------------------------------ resuming keeps the process
+def copy_with_process(path, folder, diffusion_args=None):
+    """The checkpoint at `path` copied into `folder` (outside any experiment folder), its recorded
+    process replaced by diffusion_args where given."""
+    ckpt = torch.load(path, weights_only=True)
+    if diffusion_args is not None:
+        ckpt["diffusion_args"] = diffusion_args
+    copy = os.path.join(folder, f"resume-{len(os.listdir(folder))}.pt")
+    torch.save(ckpt, copy)
+    return copy
+
+
+@pytest.mark.parametrize("objective", ["v", "flow"])
+def test_a_resume_without_process_flags_continues_the_checkpoints_process(trained, pixels, tmp_path, objective):
+    """--resume alone: the checkpoint's objective (and flow's logit-normal t) carry on, recorded
+    again; repeating the flags changes nothing, bit for bit."""
+    recorded = torch.load(trained[objective], weights_only=True)
+    repeated = {"v": ["--objective", "v"], "flow": ["--objective", "flow", "--t-sampling", "logit-normal",
+                                                    "--t-scale", "0.8"]}[objective]
+    ema = {}
+    for name, flags in (("alone", []), ("repeated", repeated)):
+        results = tmp_path / name
+        resume = copy_with_process(trained[objective], tmp_path)
+        assert run_main(pixel_args(pixels, results, "--max-steps", 5, "--resume", resume, *flags)) is None
+        ckpt = torch.load(os.path.join(results, EXPERIMENT, "checkpoints", "0000005.pt"), weights_only=True)
+        assert ckpt["diffusion_args"] == recorded["diffusion_args"] and ckpt["model_args"] == recorded["model_args"]
+        ema[name] = ckpt["ema"]
+    assert all(torch.equal(ema["alone"][k], ema["repeated"][k]) for k in ema["repeated"])
+
+
+@pytest.mark.parametrize("process, flags, words", [
+    ({"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}, ["--objective", "v"],
+     "--objective v contradicts the checkpoint, trained with --objective eps; drop --objective (a resume continues "
+     "the checkpoint's process)"),
+    ({"objective": "flow", "t_sampling": "uniform"}, ["--t-sampling", "logit-normal"],
+     "--t-sampling logit-normal contradicts the checkpoint, trained with --t-sampling uniform; drop --t-sampling"),
+    ({"objective": "flow", "t_sampling": "uniform"}, ["--t-mean", "0.5"],
+     "--t-mean 0.5 contradicts the checkpoint, trained with --objective flow --t-sampling uniform (no --t-mean)"),
+    (None, ["--objective", "flow", "--t-sampling", "logit-normal", "--t-scale", "1.0"],
+     "--t-scale 1.0 contradicts the checkpoint, trained with --t-scale 0.8; drop --t-scale"),
+])
+def test_a_resume_refuses_process_flags_that_contradict_the_checkpoint(trained, pixels, tmp_path, capsys, process,
+                                                                       flags, words):
+    """One line naming the flag, the checkpoint's value and the given one, before any folder is made."""
+    resume = copy_with_process(trained["flow" if process is None else "v"], tmp_path, process)
+    err = run_main(pixel_args(pixels, tmp_path / "results", "--max-steps", 5, "--resume", resume, *flags), capsys)
+    assert err is not None and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not os.path.exists(tmp_path / "results" / EXPERIMENT)
+
+
+def test_run_diffusion_args_keeps_every_field_of_the_record():
+    """Fields no flag gives (learn_sigma, the schedule) come from the record, not the fresh run's
+    defaults; a flag given for such a field would be compared too."""
+    flags = SimpleNamespace(objective="v", t_sampling=None, t_mean=None, t_scale=None)
+    record = {"noise_schedule": "squaredcos_cap_v2", "diffusion_steps": 500, "learn_sigma": False, "objective": "v"}
+    assert diffusion.run_diffusion_args(flags, record) == record
+    assert diffusion.run_diffusion_args(flags, None) == {**checkpoint.DEFAULT_DIFFUSION_ARGS, "objective": "v"}
+    assert diffusion.process_model_args(record) == {"learn_sigma": False}
+    with pytest.raises(diffusion.ProcessError, match="--objective flow contradicts the checkpoint, trained with "
+                                                     "--objective v"):
+        diffusion.run_diffusion_args(SimpleNamespace(objective="flow"), record)
+    with pytest.raises(diffusion.ProcessError, match="--learn-sigma True contradicts the checkpoint, trained with "
+                                                     "--learn-sigma False"):
+        diffusion.run_diffusion_args(SimpleNamespace(objective=None, learn_sigma=True), record)
 
 
 # ------------------------------------------------------------------ eps as it was
 def run_args(world_size, rank, objective="eps"):
+    """(run, process) of a fresh run with --objective."""
     args = train.parse_args(["--model", "DiT-S/2", "--data-path", "x", "--global-batch-size", "8",
                              "--image-size", "8", "--vae", "none", "--objective", objective])
     args.input_size, args.in_channels = 8, 3
-    return SimpleNamespace(args=args, rank=rank, world_size=world_size, device=torch.device("cpu"))
+    train.apply_checkpoint_settings(args, None)
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=torch.device("cpu"))
+    return run, create_process(args.diffusion_args)
+
+
+def randomness(world_size, rank, objective, step):
+    run, process = run_args(world_size, rank, objective)
+    return train.step_randomness(run, step, 0.1, (3, 8, 8), process)
 
 
 def test_eps_draws_are_the_releases_and_every_objective_splits_over_processes():
-    flip, drop, t, latent_noise, noise = train.step_randomness(run_args(1, 0), 7, 0.1, (3, 8, 8))
+    flip, drop, t, latent_noise, noise = randomness(1, 0, "eps", 7)
     gen = torch.Generator().manual_seed(train.step_seed(0, 7))
     expected = [torch.rand(8, generator=gen) < 0.5, (torch.rand(8, generator=gen) < 0.1).long(),
                 torch.randint(0, 1000, (8,), generator=gen), torch.randn((8, 4, 8, 8), generator=gen),
@@ -342,21 +410,22 @@ def test_eps_draws_are_the_releases_and_every_objective_splits_over_processes():
     for ours, theirs in zip((flip, drop, t, latent_noise, noise), expected):
         assert torch.equal(ours, theirs)
     for objective in ("eps", "v", "flow"):
-        whole = train.step_randomness(run_args(1, 0, objective), 3, 0.1, (3, 8, 8))
-        halves = [train.step_randomness(run_args(2, rank, objective), 3, 0.1, (3, 8, 8)) for rank in (0, 1)]
+        whole = randomness(1, 0, objective, 3)
+        halves = [randomness(2, rank, objective, 3) for rank in (0, 1)]
         for i, draw in enumerate(whole):
             assert torch.equal(draw[0::2], halves[0][i]) and torch.equal(draw[1::2], halves[1][i])
     assert whole[2].dtype == torch.float32 and 0 <= whole[2].min() and whole[2].max() <= 1  # flow's t
 
 
 def test_eps_defaults_are_unchanged():
-    args = train.parse_args(["--model", "DiT-S/2", "--data-path", "x"])
-    assert train.diffusion_args_for(args) == {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
-    assert train.objective_dit_args(args) == {}
-    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, train.diffusion_args_for(args),
+    args = train.apply_checkpoint_settings(train.parse_args(["--model", "DiT-S/2", "--data-path", "x"]), None)
+    assert args.diffusion_args == {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
+    assert diffusion.process_model_args(args.diffusion_args) == {"learn_sigma": True}  # DiT's default
+    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, args.diffusion_args,
                                     **sampling.sampler_options(args))
     assert (sampler.name, sampler.steps, sampler.objective, sampler.cfg_interval) == ("ddpm", 250, "eps", None)
+    assert not sampler.guide_all_channels  # the release's quirk: three channels guided
     digits_sampler = sampling.make_sampler(None, None, None, default=("ddim", 50))
     assert (digits_sampler.name, digits_sampler.steps) == ("ddim", 50)
     flow_sampler = sampling.make_sampler(None, None, FLOW_ARGS, default=("ddim", 50))
-    assert (flow_sampler.name, flow_sampler.steps) == ("heun", sampling.FLOW_STEPS["heun"])
+    assert (flow_sampler.name, flow_sampler.steps) == ("heun", samplers.SAMPLERS["heun"].steps)

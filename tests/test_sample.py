@@ -16,7 +16,7 @@ import sampling
 import tiny_dit
 import tiny_vae
 from conftest import ROOT
-from diffusion import create_diffusion
+from diffusion import create_diffusion, samplers
 from diffusion.dpm_solver import dpm_solver_sample_loop
 
 tiny_dit.register()
@@ -99,11 +99,11 @@ def test_cfg_scale_one_runs_the_plain_conditional_model(pixel_ckpt):
     noise = torch.randn(3, 1, 8, 8)
     labels = [4, 5, 6]
     sampler = sampling.make_sampler("ddim", 5)
-    ours = sampling.generate(model, sampler, labels, 1.0, noise)
+    ours, _ = sampling.generate(model, sampler, labels, 1.0, noise)
     direct = sampler.diffusion.ddim_sample_loop(model, noise.shape, noise, clip_denoised=False,
                                                 model_kwargs=dict(y=torch.tensor(labels)), device="cpu")
     torch.testing.assert_close(ours, direct, rtol=0, atol=0)
-    guided = sampling.generate(model, sampler, labels, 4.0, noise)
+    guided, _ = sampling.generate(model, sampler, labels, 4.0, noise)
     assert guided.shape == ours.shape and (guided - ours).abs().max() > 1e-3
 
 
@@ -112,9 +112,9 @@ def test_seeded_ddpm_equals_the_ancestral_loop_for_the_same_noise(pixel_ckpt):
     noise = torch.randn(2, 1, 8, 8)
     sampler = sampling.make_sampler("ddpm", 8)
     torch.manual_seed(5)
-    reference = sampling.generate(model, sampler, [3, 7], 1.0, noise)  # global RNG, as the original
+    reference, _ = sampling.generate(model, sampler, [3, 7], 1.0, noise)  # global RNG, as the original
     torch.manual_seed(5)
-    seeded = sampling.generate(model, sampler, [3, 7], 1.0, noise, step_noise=lambda: torch.randn(2, 1, 8, 8))
+    seeded, _ = sampling.generate(model, sampler, [3, 7], 1.0, noise, step_noise=lambda: torch.randn(2, 1, 8, 8))
     torch.testing.assert_close(seeded, reference, rtol=0, atol=1e-6)
 
 
@@ -260,3 +260,22 @@ def test_nonfinite_cfg_scale_is_refused_from_python_too():
     for value in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(cli.UserError, match="finite"):
             sampling.check_cfg_scale(value)
+
+
+def test_a_sampler_is_one_entry_of_the_table(tmp_path, pixel_ckpt, monkeypatch):
+    """An entry added to diffusion/samplers.py's table is a --sampler choice of sample.py, runs
+    through generate with its own default steps, and counts its model evaluations."""
+    def one_step(process, job):  # x_0 from a single noise prediction at the noisiest timestep
+        t = torch.full((len(job.noise),), process.num_timesteps - 1, dtype=torch.long)
+        eps = job.model(job.noise, t, **job.model_kwargs)[:, :job.noise.shape[1]]
+        return process._predict_xstart_from_eps(job.noise, t, eps)
+    monkeypatch.setitem(samplers.SAMPLERS, "one-step", samplers.SamplerEntry(
+        "one-step", ("eps",), one_step, "a test's toy", steps=1, process=samplers._respaced("{}")))
+    sampler = sampling.make_sampler("one-step", None)
+    assert (sampler.name, sampler.steps, sampler.diffusion.num_timesteps) == ("one-step", 1, 1)
+    model, _ = loaded(pixel_ckpt)
+    latents, stats = sampling.generate(model, sampler, [1, 2], 3.0, torch.randn(2, 1, 8, 8))
+    assert latents.shape == (2, 1, 8, 8) and stats.nfe == 1
+    images = sample.main(["--ckpt", pixel_ckpt, "--sampler", "one-step", "--class-labels", "1 2",
+                          "--output", str(tmp_path / "x.png")])
+    assert images.shape == (2, 8, 8, 1) and images.std() > 0
