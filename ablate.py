@@ -190,8 +190,8 @@ def check_variant(args, train_flags, variant):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            resolved = train.resolve_args(train.parse_args(train_argv(args, train_flags, variant)))
-            train.apply_checkpoint_settings(resolved, None)  # its process flags, checked as a fresh run's
+            parsed = train.check_args(train.parse_args(train_argv(args, train_flags, variant)))
+            resolved = train.apply_checkpoint_settings(parsed, None)  # its model and process, as a fresh run's
     except SystemExit:
         message = stderr.getvalue().strip().splitlines()[-1:] or ["bad flags"]
         raise UserError(f"variant {variant.name}: {message[0].split('error: ')[-1]}") from None

@@ -108,32 +108,45 @@ VAE_CHOICES = ("ema", "mse", "none")
 SAMPLERS = tuple(samplers.SAMPLERS)
 
 
+def model_flag_defaults():
+    """train.py's model flags when neither given nor resumed: the paper's DiT-XL/2 on 1000 classes
+    (RGB in pixel space), each variant at DiTConfig's default."""
+    return {"model": "DiT-XL/2", "num_classes": 1000, "in_channels": 3,
+            **{field.name: field.default for field in models.variant_fields()}}
+
+
 def add_model_flags(parser, training):
-    """The model's flags. Training gets the paper's defaults; sampling defaults them to None,
-    meaning "what the checkpoint records" (else the released DiT-XL/2's settings)."""
-    from_ckpt = "" if training else " (default: the checkpoint's)"
-    parser.add_argument("--model", choices=list(models.DiT_models), default="DiT-XL/2" if training else None,
-                        help="DiT config" + (from_ckpt or " (default DiT-XL/2)"))
+    """The model's flags, all None when not given. Training: a resume takes the checkpoint's value,
+    a fresh run model_flag_defaults(). Sampling: what the checkpoint records (else the released
+    DiT-XL/2's settings)."""
+    defaults = model_flag_defaults()
+
+    def default(name):
+        if training:
+            return f" (default {defaults[name]}; a resume: the checkpoint's)"
+        return " (default: the checkpoint's)"
+
+    parser.add_argument("--model", choices=list(models.DiT_models), default=None,
+                        help="DiT config" + (default("model") if training else " (default: the checkpoint's, else "
+                                                                              "DiT-XL/2)"))
     parser.add_argument("--image-size", type=image_size, default=None, metavar="N|HxW",
                         help="image size in pixels, N (square) or HxW (height x width, e.g. 256x384): 256 or 512 "
                              "with the VAE (any multiple of 8), any multiple of the patch in pixel space"
-                             + (from_ckpt or " (default 256, or the features')"))
-    parser.add_argument("--num-classes", type=positive_int, default=1000 if training else None, help="class labels")
+                             + (" (default 256, the features', or a resume's)" if training else default("")))
+    parser.add_argument("--num-classes", type=positive_int, default=None, help="class labels" + default("num_classes"))
     parser.add_argument("--vae", choices=VAE_CHOICES, default=None,
                         help="Stable Diffusion VAE (ema, mse) or none for pixel space"
-                             + (from_ckpt or " (default ema)"))
+                             + (" (default ema, or a resume's)" if training else default("")))
     parser.add_argument("--vae-path", default=None, help="a local diffusers AutoencoderKL folder instead of --vae")
     if training:
-        parser.add_argument("--in-channels", type=int, choices=[1, 3], default=3,
-                            help="pixel space only: 3 = RGB, 1 = greyscale")
+        parser.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
+                            help="pixel space only: 3 = RGB, 1 = greyscale" + default("in_channels"))
     for field in models.variant_fields():  # --block, --pos, ...: one per variant field of models.DiTConfig
-        default = field.default if training else None
         spec = field.metadata["flag"]
         kind = {"action": argparse.BooleanOptionalAction} if field.type is bool else {"type": field.type}
         if spec["choices"]:
             kind["choices"] = spec["choices"]
-        parser.add_argument(models.flag_name(field.name), default=default, **kind,
-                            help=spec["help"] + (from_ckpt or f" (default {default})"))
+        parser.add_argument(models.flag_name(field.name), default=None, **kind, help=spec["help"] + default(field.name))
 
 
 def model_variant_args(args):

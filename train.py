@@ -66,12 +66,12 @@ import distributed
 import files
 import metrics
 import vae as vae_lib
-from checkpoint import describe_state_dict, load_weights
+from checkpoint import load_weights
 from diffusion import (ProcessError, add_process_flags, create_process, objective_of, process_model_args,
                        run_diffusion_args)
 from diffusion.samplers import check_fits
 from fast import compile_model
-from models import model_args_for
+from models import DiTConfig, config_name, differences, model_args_for, variant_fields
 
 
 # ------------------------------------------------------------------ flags
@@ -114,11 +114,44 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def resolve_args(args):
-    """Fill in defaults that depend on the data and check the flags together, before any work."""
+def check_args(args):
+    """The checks that need neither the data nor a checkpoint: one line each, before any work."""
     if bool(args.data_path) == bool(args.feature_path):
         raise cli.UserError("pass exactly one of --data-path (an image folder) or --feature-path (from "
                             "extract_features.py)")
+    check_numbers(args)
+    metrics.check_loggers(args.logger)
+    return args
+
+
+def take_model_settings(args, ckpt):
+    """The model flags a run builds from: the given ones, else the checkpoint's when resuming, else
+    cli.model_flag_defaults(). A given flag that contradicts the checkpoint's model_args is refused
+    in one line (another value would train its weights as another network)."""
+    variants = [field.name for field in variant_fields()]
+    if ckpt is None:
+        for name, value in cli.model_flag_defaults().items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return
+    recorded, saved = ckpt["model_args"], ckpt.get("args") or {}
+    given = {name: getattr(args, name) for name in ("model", "num_classes", *variants) if getattr(args, name) is not None}
+    checkpoint.refuse_contradictions(recorded, given, "a resume continues the checkpoint's model")
+    args.model = args.model or saved.get("model") or config_name(recorded)
+    for name in ("num_classes", *variants):
+        if getattr(args, name) is None:
+            setattr(args, name, recorded[name])
+    # What makes the input (the model's input_size and in_channels): compared once built, in restore().
+    for name in ("image_size", "vae", "vae_path"):
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name))
+    if args.in_channels is None:
+        args.in_channels = recorded["in_channels"] if args.vae == "none" else 3
+
+
+def resolve_sizes(args):
+    """--image-size, --vae and the model's input size, filled in from the features' metadata and the
+    defaults, and checked against the VAE and the patch."""
     if args.feature_path:
         take_feature_settings(args)
     args.vae = args.vae or "ema"
@@ -141,8 +174,8 @@ def resolve_args(args):
         raise cli.UserError(f"--image-size {cli.size_text(args.image_size)} gives a {input_text(args)} input, "
                             f"not divisible by the patch size {patch} of {args.model}; use sides that are "
                             f"multiples of {step}")
-    check_numbers(args)
-    metrics.check_loggers(args.logger)
+    if args.eval_every:
+        check_eval_ref(args)
     return args
 
 
@@ -178,8 +211,6 @@ def check_numbers(args):
         value = getattr(args, flag.replace("-", "_"))
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
             raise cli.UserError(f"--{flag} {value} is out of range: it must be {wanted}")
-    if args.eval_every:
-        check_eval_ref(args)
     if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
         raise cli.UserError(f"--results-dir {args.results_dir!r} is a file, not a folder; pass another path")
 
@@ -216,8 +247,10 @@ def model_string(args):
 
 
 def experiment_dirs(args):
-    """This model's experiment folders, oldest first (by number: 999 comes before 1000)."""
-    pattern = re.compile(r"^(\d{3,})-" + re.escape(model_string(args)) + "$")
+    """This model's experiment folders (every model's when --model is not given), oldest first (by
+    number: 999 comes before 1000)."""
+    model = re.escape(model_string(args)) if args.model else r"DiT-.+"
+    pattern = re.compile(r"^(\d{3,})-" + model + "$")
     if not os.path.isdir(args.results_dir):
         return []
     found = [(int(m.group(1)), d) for d in os.listdir(args.results_dir) if (m := pattern.match(d))]
@@ -384,8 +417,11 @@ def adamw_kernel(device, fast=False):
 def restore(state, ckpt, path, args, steps_per_epoch):
     """Continue from a train.py checkpoint; this run's --lr and --weight-decay win over the saved ones."""
     if ckpt["model_args"] != state.model.model_args:
-        raise cli.UserError(f"--resume {path} holds a model built with {describe_difference(ckpt, state.model)}; "
-                            f"pass the flags it was trained with")
+        theirs = DiTConfig(**ckpt["model_args"]).describe()
+        differing = differences(ckpt["model_args"], state.model.model_args)
+        raise cli.UserError(f"--resume {path} holds {theirs}, but this run builds {state.model.config.describe()} "
+                            f"({differing}); drop --image-size / --vae / --in-channels (a resume takes the "
+                            f"checkpoint's)")
     load_weights(state.model, ckpt["model"], f"--resume {path}")
     load_weights(state.ema, ckpt["ema"], f"--resume {path} (ema)")
     state.opt.load_state_dict(ckpt["opt"])
@@ -399,15 +435,6 @@ def restore(state, ckpt, path, args, steps_per_epoch):
     if state.batches_done >= steps_per_epoch:
         state.epoch, state.batches_done = state.epoch + 1, 0
     state.last_ckpt = path
-
-
-def describe_difference(ckpt, model):
-    theirs, ours = ckpt["model_args"], model.model_args
-    if any(ckpt["model"][k].shape != v.shape for k, v in model.state_dict().items() if k in ckpt["model"]) or \
-            set(ckpt["model"]) != set(model.state_dict()):
-        return f"{describe_state_dict(ckpt['model'])}, but the model built is {describe_state_dict(model.state_dict())}"
-    changed = {k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
-    return ", ".join(f"{k}={a!r} (this run: {b!r})" for k, (a, b) in sorted(changed.items()))
 
 
 def open_experiment(run, resume, state):
@@ -658,7 +685,7 @@ def evaluate_fid(run, state, sampler, vae):
 
 # ------------------------------------------------------------------ the run
 def main(argv=None):
-    args = resolve_args(parse_args(argv))
+    args = check_args(parse_args(argv))
     rank, world_size, device = distributed.setup(args.device)
     try:
         run = Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size))
@@ -671,16 +698,17 @@ def main(argv=None):
 
 def apply_checkpoint_settings(args, ckpt):
     """What the checkpoint a run resumes decides, set on args before anything is built (ckpt None:
-    a fresh run, from the flags). Its process: args.diffusion_args, the checkpoint's, which the
-    process flags (--objective, --t-sampling, ...) may only repeat; a fresh run's from the flags.
-    The one place for every setting a checkpoint decides."""
+    a fresh run, from the flags and their defaults): the model (take_model_settings), the process
+    (args.diffusion_args, the checkpoint's, which the process flags --objective, --t-sampling, ...
+    may only repeat), then the sizes they give. The one place for every setting a checkpoint decides."""
+    take_model_settings(args, ckpt)
     try:
         args.diffusion_args = run_diffusion_args(args, ckpt["diffusion_args"] if ckpt is not None else None)
         if args.sampler is not None:  # the sampler of the grids and --eval-every
             check_fits(args.sampler, objective_of(args.diffusion_args))
     except ProcessError as e:
         raise cli.UserError(str(e)) from None
-    return args
+    return resolve_sizes(args)
 
 
 # DDP's bucket size over gloo (CPU), against its 25 MB default: smaller buckets start the all-reduce

@@ -55,7 +55,7 @@ def test_every_block_is_a_training_flag_that_reaches_the_model():
     for block in BLOCKS:
         args = train.parse_args(["--data-path", "x", "--block", block])
         assert cli.model_variant_args(args)["block"] == block and DiT(**TINY, block=block).config.block == block
-    assert train.parse_args(["--data-path", "x"]).block == "adaLN-Zero"
+    assert train.apply_checkpoint_settings(train.parse_args(["--data-path", "x"]), None).block == "adaLN-Zero"
     with pytest.raises(SystemExit):
         train.parse_args(["--data-path", "x", "--block", "adaLN-zero"])
 

@@ -255,7 +255,8 @@ def test_flags_are_the_constructor_arguments():
     built = DiT(**TINY, **cli.model_variant_args(given)).model_args
     assert {k: built[k] for k in cli.model_variant_args(given)} == dict(
         pos="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True, rope_base=100.0, context_tokens=2, block="mm-dit")
-    defaults = cli.model_variant_args(train.parse_args(["--data-path", "x"]))
+    defaults = cli.model_variant_args(train.apply_checkpoint_settings(train.parse_args(["--data-path", "x"]), None))
+    assert defaults  # every variant flag gets the release's value
     assert DiT(**TINY, **defaults).model_args == DiT(**TINY).model_args  # training defaults: the release's
     args = sample.parse_args(["--ckpt", "x.pt"])
     assert cli.model_variant_args(args) == {}  # sampling keeps every option of the checkpoint

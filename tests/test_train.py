@@ -326,3 +326,43 @@ def test_checkpoints_of_the_earlier_format_resume_and_sample(pixels, reference, 
     images = sample.main(["--ckpt", str(path), "--num-sampling-steps", "2", "--output", str(tmp_path / "s.png"),
                           "--class-labels", "0", "1"])
     assert images.shape == (2, 8, 8, 1)
+
+
+# ------------------------------------------------------------------ a resume keeps the model
+def bare_args(pixels, results, *extra):
+    """pixel_args without any model flag: what `--resume auto` alone needs."""
+    return ["--data-path", str(pixels), "--results-dir", str(results), "--global-batch-size", "8", "--log-every",
+            "1", "--ckpt-every", "4", "--cpu-threads", "1", *map(str, extra)]
+
+
+VARIANT = ("--block", "mm-dit", "--context-tokens", "2", "--pos", "rope", "--norm", "rmsnorm", "--qk-norm",
+           "--mlp", "swiglu", "--objective", "v")
+
+
+def test_resume_auto_alone_continues_the_checkpoints_model_and_process(pixels, tmp_path, capsys):
+    """No --model or variant flag: the checkpoint's model_args (and diffusion_args) are the run's, and
+    the next checkpoint records them unchanged, bit for bit the run that repeats every flag."""
+    assert run_main(pixel_args(pixels, tmp_path / "flags", "--max-steps", 2, *VARIANT)) is None
+    assert run_main(pixel_args(pixels, tmp_path / "flags", "--max-steps", 3, *VARIANT, "--resume", "auto")) is None
+    assert run_main(pixel_args(pixels, tmp_path / "bare", "--max-steps", 2, *VARIANT)) is None
+    assert run_main(bare_args(pixels, tmp_path / "bare", "--max-steps", 3, "--resume", "auto")) is None
+    first, ours, theirs = (checkpoint(tmp_path / "bare", 2), checkpoint(tmp_path / "bare", 3),
+                           checkpoint(tmp_path / "flags", 3))
+    assert ours["model_args"] == first["model_args"] and ours["diffusion_args"] == first["diffusion_args"]
+    assert ours["model_args"]["block"] == "mm-dit" and ours["diffusion_args"]["objective"] == "v"
+    assert all(torch.equal(ours["ema"][k], theirs["ema"][k]) for k in theirs["ema"])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--block", "adaLN-Zero"), "--block adaLN-Zero does not match the checkpoint, which was trained with --block mm-dit"),
+    (("--num-classes", "5"), "--num-classes 5 does not match the checkpoint, which was trained with --num-classes 3"),
+    (("--model", "DiT-S/2"), f"--model DiT-S/2 does not match the checkpoint, which was trained with --model {MODEL}"),
+    (("--no-qk-norm",), "--qk-norm False does not match the checkpoint, which was trained with --qk-norm True"),
+])
+def test_resume_refuses_a_model_flag_that_contradicts_the_checkpoint(flags, words, pixels, tmp_path, capsys):
+    """(--resume auto with --model X continues X's latest run: another model's is no contradiction there.)"""
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, *VARIANT)) is None
+    path = tmp_path / EXPERIMENT / "checkpoints" / "0000002.pt"
+    err = run_main(bare_args(pixels, tmp_path, "--max-steps", 3, "--resume", path, *flags), capsys)
+    assert err.count("\n") == 1 and words in err and "drop" in err, err
+    assert sorted(os.listdir(tmp_path / EXPERIMENT / "checkpoints")) == ["0000002.pt"]  # nothing trained
