@@ -15,10 +15,14 @@ import time
 
 import numpy as np
 
+import checkpoint
 import cli
 import files
+import sampling
 from cli import run
+from distributed import pick_device
 from errors import UserError
+from evaluate import frechet_distance
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
@@ -114,7 +118,6 @@ class DigitScorer:
 
     def score(self, images, labels):
         """Dict with accuracy (overall and per class) and the Frechet distance to the real digits."""
-        from evaluate import frechet_distance
 
         labels = np.asarray(labels)
         predicted = self.classifier.predict(self._inputs(images))
@@ -129,8 +132,6 @@ class DigitScorer:
 def check_digits_checkpoint(ckpt):
     """Refuse, before sampling, a checkpoint whose samples the digit classifier cannot read: it rates
     8x8 pixel-space images. Reads the checkpoint's records only; builds no model."""
-    import checkpoint
-
     loaded = checkpoint.load(ckpt)
     model_args = loaded.model_args or {}
     vae = loaded.settings.get("vae")
@@ -145,9 +146,6 @@ def check_digits_checkpoint(ckpt):
 
 
 def score_checkpoint(args):
-    import sampling
-    from distributed import pick_device
-
     labels = np.repeat(np.arange(NUM_CLASSES), args.per_class)
     start = time.perf_counter()
     images, sampler, stats = sampling.generate_from_checkpoint(
@@ -166,7 +164,6 @@ def score_checkpoint(args):
 
 def check_score_args(args):
     """Refuse what would fail, or score nothing, only after the sampling."""
-    import sampling
 
     for flag in ("per_class", "batch_size", "num_sampling_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: the sampler's default
