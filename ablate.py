@@ -37,7 +37,7 @@ import sys
 import numpy as np
 
 import files
-from cli import run
+from cli import SAMPLERS, run
 from errors import UserError
 from flops import params_and_gflops
 
@@ -68,15 +68,16 @@ class Variant:
 # ------------------------------------------------------------------ flags
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Other flags go to train.py (e.g. --model, --lr, --precision).")
-    parser.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2",
+                                     epilog="Other flags go to train.py (e.g. --model, --lr, --precision).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--vary", action="append", required=True, default=argparse.SUPPRESS, metavar="KEY=V1,V2",
                         help="a train.py flag and its values; repeat for a grid")
     parser.add_argument("--steps", type=positive_int, default=2000, help="training steps of every variant")
     parser.add_argument("--seeds", default="0", help="comma-separated --global-seed values, e.g. 0,1")
     parser.add_argument("--evals", type=positive_int, default=4, help="checkpoints scored per run (evenly spaced)")
     parser.add_argument("--out", default="results/ablation", help="output folder")
     parser.add_argument("--nproc", type=positive_int, default=2, help="training processes per variant (torchrun)")
-    parser.add_argument("--data-path", default=DIGITS, help="image folder (default: the built-in digits, "
+    parser.add_argument("--data-path", default=DIGITS, help="image folder (data/digits: the built-in digits, "
                                                              "prepared on first use)")
     parser.add_argument("--score", choices=["digits", "none"], default="digits",
                         help="digits: accuracy and Frechet distance of the digit classifier (8x8 images, at most "
@@ -84,8 +85,9 @@ def parse_args(argv=None):
     parser.add_argument("--per-class", type=positive_int, default=50, help="samples per class for the score")
     parser.add_argument("--cfg-scale", default="1,4", help="guidance scales of the scored samples, comma-separated "
                                                             "(1: none, as the paper's Figure 5; 4: the demo's)")
-    parser.add_argument("--sampler", default="dpm-solver")
-    parser.add_argument("--num-sampling-steps", type=positive_int, default=25)
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver",
+                        help="the scoring sampler; it must fit every variant's --objective")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=25, help="the scoring sampler's steps")
     parser.add_argument("--eval-ref", default=None, help="reference .npz: train.py logs FID at each checkpoint")
     parser.add_argument("--device", default="auto", help="where the scoring samples are drawn")
     args, train_flags = parser.parse_known_args(argv)
@@ -200,7 +202,19 @@ def check_variant(args, train_flags, variant):
     if args.score == "digits" and (resolved.image_size != 8 or resolved.num_classes > 10):
         raise UserError(f"variant {variant.name} trains {resolved.image_size}px images of {resolved.num_classes} "
                         f"classes; --score digits needs 8px and at most 10 classes: pass --score none")
+    if args.score == "digits":
+        check_scoring(args, variant, resolved)
     return resolved
+
+
+def check_scoring(args, variant, resolved):
+    """The scoring sampler's settings against the variant's process, before any training."""
+    import sampling
+
+    try:
+        sampling.make_sampler(args.sampler, args.num_sampling_steps, resolved.diffusion_args)
+    except UserError as e:
+        raise UserError(f"variant {variant.name}, scoring: {e}") from None
 
 
 def checkpoints(variant):
@@ -451,8 +465,13 @@ def main(argv=None):
     variants, cfg_scales = make_variants(args), parse_cfg_scales(args.cfg_scale)
     if len({v.folder for v in variants}) < len(variants):
         raise UserError("--vary lists the same value twice; give each value once")
-    for variant in variants:  # everything checked before the first run starts
+    if args.score == "digits":
+        from distributed import pick_device
+
+        pick_device(args.device)  # the scoring device exists: one line now, not after the first training
+    for variant in variants:  # everything checked before the first run starts (and before any file is written)
         check_variant(args, train_flags, variant)
+    for variant in variants:
         check_same_flags(variant, train_argv(args, train_flags, variant))
     if args.data_path == DIGITS:
         import digits

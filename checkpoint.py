@@ -26,14 +26,35 @@ import dataclasses
 import json
 import os
 
-import download
-import files
-import interop
-import vae as vae_lib
-from diffusion import DEFAULT_DIFFUSION_ARGS  # the release's process: what older checkpoints were trained with
-from errors import UserError
-from models import (BLOCKS, MODEL_SIZES, DiT, DiTConfig, complete_model_args, config_name, differences, flag_name,
-                    input_hw, model_args_for, variant_fields)
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Convert DiT checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a checkpoint as .safetensors or a diffusers DiTPipeline")
+    export.add_argument("ckpt", help="a train.py checkpoint, state_dict, .safetensors, diffusers folder or hub id")
+    export.add_argument("out", help="OUT.safetensors, or a new folder for the diffusers format")
+    export.add_argument("--format", choices=("safetensors", "diffusers"), default=None,
+                        help="default: safetensors when OUT ends in .safetensors, else diffusers")
+    export.add_argument("--vae", default=None,
+                        help="diffusers only: the VAE to include, as sample.py's --vae takes it (default: the "
+                             "checkpoint's, else ema)")
+    export.add_argument("--vae-path", default=None, help="diffusers only: a local AutoencoderKL folder to include")
+    return parser
+
+
+if __name__ == "__main__":  # --help and flag mistakes answered before the imports below (torch: seconds)
+    _parser().parse_args()
+
+# noqa: E402 below: these come after the early parse above
+import download  # noqa: E402
+import files  # noqa: E402
+import interop  # noqa: E402
+import vae as vae_lib  # noqa: E402
+# the release's process: what older checkpoints were trained with
+from diffusion import DEFAULT_DIFFUSION_ARGS  # noqa: E402
+from errors import UserError  # noqa: E402
+from models import (BLOCKS, MODEL_SIZES, DiT, DiTConfig, complete_model_args, config_name,  # noqa: E402
+                    differences, flag_name, input_hw, model_args_for, variant_fields)
 
 FORMAT = 2
 TRAIN_KEYS = {"model", "ema", "opt", "train_steps"}
@@ -110,7 +131,21 @@ def build_model(model_args, state_dict=None, what="checkpoint"):
 # ------------------------------------------------------------------ reading any format
 def load(name_or_path):
     """Loaded from a released name, a .pt checkpoint or state_dict, a .safetensors file, or a
-    diffusers DiT folder / hub id."""
+    diffusers DiT folder / hub id; weights holding NaN or inf are refused (check_finite)."""
+    loaded = _load_any(name_or_path)
+    check_finite(loaded.state_dict, loaded.source)
+    return loaded
+
+
+def check_finite(state_dict, source):
+    """One line naming the first tensor that holds NaN or inf: such weights sample blank images."""
+    for name, tensor in state_dict.items():
+        if hasattr(tensor, "is_floating_point") and tensor.is_floating_point() and not tensor.isfinite().all():
+            raise UserError(f"checkpoint {source!r} holds NaN or infinite weights (first in {name}), which would "
+                            f"sample blank images; use an earlier checkpoint of the run")
+
+
+def _load_any(name_or_path):
     source = os.fspath(name_or_path)
     if source.endswith(".safetensors"):
         return load_safetensors(source)
@@ -278,8 +313,7 @@ def _read_safetensors(path):
     """(tensors, metadata) of a .safetensors file, with one-line errors for missing or corrupt files."""
     from safetensors import SafetensorError, safe_open
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path")
+    files.check_input_file(path, "checkpoint")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {})
@@ -329,26 +363,13 @@ def main(argv=None):
     if out_format == "safetensors" and (args.vae or args.vae_path):
         raise UserError("--vae and --vae-path choose the VAE of a diffusers export; a .safetensors file holds the "
                         "DiT alone (sample.py takes --vae-path itself): drop them")
+    if args.vae is not None:
+        vae_lib.vae_source(args.vae)  # one line for an unknown name, before the checkpoint is read
     if out_format == "safetensors":
         export_safetensors(args.ckpt, args.out)
     else:
         export_diffusers(args.ckpt, args.out, vae=args.vae, vae_path=args.vae_path)
     print(f"wrote {args.out} ({out_format})")
-
-
-def _parser():
-
-    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Convert DiT checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a checkpoint as .safetensors or a diffusers DiTPipeline")
-    export.add_argument("ckpt", help="a train.py checkpoint, state_dict, .safetensors, diffusers folder or hub id")
-    export.add_argument("out", help="OUT.safetensors, or a new folder for the diffusers format")
-    export.add_argument("--format", choices=("safetensors", "diffusers"), default=None,
-                        help="default: safetensors when OUT ends in .safetensors, else diffusers")
-    export.add_argument("--vae", choices=tuple(vae_lib.HUB_IDS), default=None,
-                        help="diffusers only: the VAE to include (default: the checkpoint's, else ema)")
-    export.add_argument("--vae-path", default=None, help="diffusers only: a local AutoencoderKL folder to include")
-    return parser
 
 
 if __name__ == "__main__":

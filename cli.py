@@ -170,12 +170,12 @@ def add_sampler_flags(parser, cfg_scale, num_sampling_steps=250, sampler="ddpm")
                         help="; ".join(f"{' and '.join(objectives)} checkpoints: {', '.join(names)}"
                                        for objectives, names in by_objectives.items())
                              + f". Default: {sampler} where it fits the checkpoint, else its objective's first")
-    own_steps = ", ".join(f"{entry.name} {entry.steps}" for entry in table if entry.steps)
-    script_steps = ", ".join(entry.name for entry in table if entry.steps is None)
+    own_steps = ", ".join(f"{entry.name} {entry.steps if entry.steps is not None else num_sampling_steps}"
+                          for entry in table if entry.steps != 0)
     adaptive = ", ".join(entry.name for entry in table if entry.steps == 0)
     parser.add_argument("--num-sampling-steps", type=positive_int, default=None,
-                        help=f"default {num_sampling_steps} for {script_steps}; {own_steps}; {adaptive}: adaptive, "
-                             f"takes no step count")
+                        help=f"default: {num_sampling_steps} for the default {sampler}; a --sampler given alone runs "
+                             f"its own count: {own_steps}; {adaptive}: adaptive, takes no step count")
     parser.set_defaults(default_sampler=sampler, default_sampling_steps=num_sampling_steps)
     parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale,
                         help="classifier-free guidance scale; 1 = off")

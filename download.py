@@ -117,10 +117,17 @@ def download_model(name, root=PRETRAINED_DIR, timeout=60):
             return path
         print(f"{path} holds {problem}, not the weights: fetching it again", file=sys.stderr)
         os.remove(path)
+    files.check_output_folder(root, "the download folder")  # a file there: one line, not a traceback
+    created = not os.path.isdir(root)
     os.makedirs(root, exist_ok=True)
-    url, part = model_url(name), _claim_partial(path, timeout)
-    _fetch(url, part, timeout)
-    _check_download(url, part, name)
+    try:
+        url, part = model_url(name), _claim_partial(path, timeout)
+        _fetch(url, part, timeout)
+        _check_download(url, part, name)
+    except BaseException:
+        if created and not os.listdir(root):  # made for this download, which left nothing to resume
+            os.rmdir(root)
+        raise
     os.replace(part, path)
     return path
 
@@ -214,10 +221,10 @@ def _abandoned(partial, path, timeout):
     except FileNotFoundError:
         return False
     host, pid = owner[0], int(owner[1])
-    return host == socket.gethostname() and (pid == os.getpid() or not _process_alive(pid))
+    return host == socket.gethostname() and (pid == os.getpid() or not process_alive(pid))
 
 
-def _process_alive(pid):
+def process_alive(pid):
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -302,6 +309,7 @@ def main(argv=None):
                         help="only the weights for this resolution (default: both)")
     parser.add_argument("--dir", default=PRETRAINED_DIR, help="where to put them")
     args = parser.parse_args(argv)
+    files.check_output_folder(args.dir, "--dir")
     for name in released_names(args.names, args.image_size):
         print(download_model(name, args.dir))
 

@@ -32,6 +32,7 @@ import warnings
 import torch
 
 import files
+import hub
 import vae as vae_lib
 from errors import UserError
 from diffusion import create_diffusion, objective_of
@@ -338,6 +339,9 @@ def load_diffusers(folder_or_hub_id):
     size sample_size * 8, the pipeline's vae/ folder when it is at hand."""
     source = os.fspath(folder_or_hub_id)
     location, subfolder = _transformer_location(source)
+    if not os.path.isdir(source):  # a hub id: its cached copy, or one line when there is neither it nor a network
+        location = hub.cached_or_reachable(source, "the diffusers DiT", "pass a local folder or checkpoint file",
+                                           subfolder)
     transformer = _load_transformer(location, subfolder, source)
     model_args = model_args_from_diffusers(dict(transformer.config), source)
     state_dict = from_diffusers_state_dict(transformer.state_dict(), model_args, source)

@@ -27,7 +27,7 @@ from torchvision.utils import save_image as save_grid
 import cli
 import sampling
 from distributed import pick_device
-from files import atomic_path, save_image
+from files import atomic_path, check_output_file, save_image
 
 ORIGINAL_CLASS_LABELS = "207 360 387 974 88 979 417 279"
 
@@ -56,6 +56,7 @@ def check_args(args):
         raise cli.UserError(f"--nrow must be at least 1, got {args.nrow}")
     check_image_extension(args.output)
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
+    check_output_file(args.output, "--output")  # a folder named out.png
 
 
 def check_sampling_args(args):
@@ -114,6 +115,7 @@ def main(argv=None):
     latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
                                    guide_all_channels=args.cfg_all_channels, precision=args.precision or "fp32",
                                    progress=True)
+    sampling.check_finite_samples(latents, args.cfg_scale, args.precision)
     images = decode(latents)
 
     with atomic_path(args.output) as tmp:

@@ -90,8 +90,13 @@ def check_same_settings(folder, record, keys):
     (an older version wrote its JSON) cannot be compared: say so, and go on."""
     if not os.path.exists(f"{folder}.json"):
         return
-    with open(f"{folder}.json") as f:
-        earlier = {**ADDED_SETTINGS, **json.load(f)}
+    try:
+        with open(f"{folder}.json") as f:
+            earlier = {**ADDED_SETTINGS, **json.load(f)}
+    except (ValueError, TypeError) as e:  # not JSON, or not an object: the samples there cannot be checked
+        raise cli.UserError(f"{folder}.json, the record of the samples' settings, is not readable ({e}); delete it "
+                            f"to keep the PNGs in {folder} (assumed made with these settings), or delete the "
+                            f"folder too to sample anew") from None
     changed = [k for k in keys if k in earlier and earlier[k] != record.get(k)]
     if changed:
         raise cli.UserError(f"{folder} holds samples made with other settings ({', '.join(changed)}: "
@@ -100,6 +105,37 @@ def check_same_settings(folder, record, keys):
     if unrecorded:
         warnings.warn(f"{folder}.json does not record {', '.join(unrecorded)} (an older version wrote it): the "
                       f"samples already there are assumed to match", stacklevel=2)
+
+
+def images_to_make(folder, count, settings):
+    """The indices whose PNG is missing or damaged (unreadable, empty, or not the size sampled), in
+    order; the damaged ones are named and made again."""
+    size = cli.height_width(settings.image_size)
+    missing, damaged = [], []
+    for i in range(count):
+        path = os.path.join(folder, f"{i:06d}.png")
+        problem = png_problem(path, size) if os.path.exists(path) else "missing"
+        if problem:
+            missing.append(i)
+        if problem and problem != "missing":
+            damaged.append(f"{os.path.basename(path)} ({problem})")
+    if damaged:
+        listed = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        print(f"re-making {len(damaged)} damaged image(s) in {folder}: {listed}", file=sys.stderr)
+    return missing
+
+
+def png_problem(path, size):
+    """Why a sample PNG cannot go into the .npz (None when it can): empty, unreadable, or another size."""
+    try:
+        with Image.open(path) as image:
+            found = (image.height, image.width)
+            image.verify()  # the whole file: its chunks and their checksums
+    except Exception as e:  # PIL raises many kinds for a damaged file (UnidentifiedImageError, SyntaxError, ...)
+        return "empty" if os.path.getsize(path) == 0 else f"unreadable: {type(e).__name__}"
+    if found != tuple(size):
+        return f"{found[0]}x{found[1]}, not {size[0]}x{size[1]}"
+    return None
 
 
 def create_npz(folder, labels):
@@ -152,7 +188,7 @@ def _sample(args, rank, world_size, device):
     check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())
                         + (CACHE_SETTINGS if sampler.cache_interval > 1 else ()))
     os.makedirs(folder, exist_ok=True)
-    missing = [i for i in range(args.num_fid_samples) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
+    missing = distributed.broadcast(images_to_make(folder, args.num_fid_samples, settings) if rank == 0 else None)
     distributed.barrier()
     if rank == 0:
         save_json({**record, "world_size": world_size, "device": str(device), "torch": torch.__version__},
@@ -174,6 +210,7 @@ def _sample(args, rank, world_size, device):
         latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
                                        guide_all_channels=args.cfg_all_channels, precision=args.precision,
                                        step_noise=lambda: sampling.draw(generators, shape))
+        sampling.check_finite_samples(latents, args.cfg_scale, args.precision)
         for index, image in zip(indices, cli.to_uint8(decode(latents))):  # zip drops the padding
             save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
                        os.path.join(folder, f"{index:06d}.png"))

@@ -99,6 +99,7 @@ def load_model(args, device):
     model_args.update(cli.model_variant_args(args))
     if vae is None:  # a bare state_dict: 4 channels are SD-VAE latents
         vae = "ema" if model_args["in_channels"] == 4 else "none"
+    check_vae_fits(args.vae, loaded, model_args)
     if vae == "none" and args.vae_path:
         raise cli.UserError("--vae-path was given with --vae none; drop one of them")
     downsample = 1 if vae == "none" else vae_lib.DOWNSAMPLE
@@ -128,6 +129,20 @@ def load_model(args, device):
     if getattr(args, "compile", False):  # the fast mode, --compile; caching needs the blocks compiled apart
         compile_model(model, inference=True, blocks_only=getattr(args, "cache_interval", 1) > 1)
     return model.eval(), settings
+
+
+def check_vae_fits(vae_flag, loaded, model_args):
+    """A --vae given against a checkpoint of the other space (pixels against SD-VAE latents, which
+    have 4 channels), named as such rather than left to fail on the image size."""
+    recorded = loaded.settings.get("vae")
+    channels = model_args["in_channels"]
+    if vae_flag not in (None, "none") and (recorded == "none" or channels != 4):
+        raise cli.UserError(f"--vae {vae_flag} does not fit {loaded.source}: it is a pixel-space model ({channels} "
+                            f"channel(s), trained with --vae none), not one of the VAE's 4-channel latents; drop "
+                            f"--vae")
+    if vae_flag == "none" and recorded not in (None, "none"):
+        raise cli.UserError(f"--vae none does not fit {loaded.source}: it is a latent-space model (trained with "
+                            f"--vae {recorded}), whose samples the VAE turns into images; drop --vae none")
 
 
 def scaled_size(size, factor):
@@ -321,6 +336,18 @@ def check_cfg_scale(cfg_scale):
     if cfg_scale < 1:
         warnings.warn(f"--cfg-scale {cfg_scale} is below 1: guidance then pushes samples away from their class "
                       f"(1 = no guidance, the paper uses 1.5 for FID and 4 for visuals)", stacklevel=2)
+
+
+def check_finite_samples(latents, cfg_scale, precision=None):
+    """Stop in one line when sampled latents hold NaN or inf (every image would come out blank):
+    the checkpoint's weights were checked at load, so the guidance scale or the precision did it."""
+    bad = (~torch.isfinite(latents)).flatten(1).any(1)
+    if bad.any():
+        cause = (f"--cfg-scale {cfg_scale:g} multiplies the difference of the model's two predictions by that much; "
+                 f"use 1 to 10 (1.5 for FID, 4 for visuals)" if cfg_scale > 10 else
+                 "try --precision fp32" if precision in ("fp16", "bf16") else "the model diverges on these inputs")
+        raise cli.UserError(f"sampling gave NaN or infinite values in {int(bad.sum())} of {len(latents)} samples, "
+                            f"which would be blank images; stopped before saving ({cause})")
 
 
 def _guided(model, cfg_scale, guide_all_channels, precision, device, noise_level, cfg_interval=None,

@@ -42,13 +42,16 @@ weights are checked (finite, and a finite loss on the last batch), so the checkp
 message names resumes cleanly.
 """
 import argparse
+import atexit
 import dataclasses
 import glob
+import itertools
 import logging
 import math
 import os
 import re
 import resource
+import socket
 import sys
 import time
 from copy import deepcopy
@@ -63,6 +66,7 @@ import checkpoint
 import cli
 import data
 import distributed
+import download
 import files
 import metrics
 import vae as vae_lib
@@ -86,20 +90,23 @@ def parse_args(argv=None):
                         help="random horizontal flips (--no-hflip for data where a mirror image is another "
                              "thing, such as digits)")
     parser.add_argument("--epochs", type=cli.positive_int, default=1400)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (1 or more)")
     parser.add_argument("--global-batch-size", type=cli.positive_int, default=256)
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--global-seed", type=int, default=0, help=f"0 to {MAX_SEED - 1}")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1): the EMA's weight on its past")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (off)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
-    parser.add_argument("--num-workers", type=int, default=None,
+    parser.add_argument("--num-workers", type=cli.non_negative_int, default=None,
                         help="data-loading processes per rank (default 0 for data held in memory, else 4)")
     parser.add_argument("--log-every", type=cli.positive_int, default=100)
     parser.add_argument("--ckpt-every", type=cli.positive_int, default=50_000)
     parser.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint path, or auto")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="let a resume continue on other data than the checkpoint was trained on (another "
+                             "path, image count or class list; refused without this flag)")
     parser.add_argument("--sample-every", type=int, default=0,
                         help="save a grid of EMA samples (fixed classes and noise) every N steps (0: never)")
     cli.add_sampler_flags(parser, cfg_scale=4.0)  # for the sample grids and --eval-every
@@ -109,7 +116,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-cfg-scale", type=cli.finite_float, default=1.5)
     metrics.add_logger_flag(parser)
     cli.add_device_flags(parser, precision="tf32", compile=True)
-    parser.add_argument("--cpu-threads", type=int, default=0,
+    parser.add_argument("--cpu-threads", type=cli.non_negative_int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
     return parser.parse_args(argv)
 
@@ -197,13 +204,18 @@ def take_feature_settings(args):
         setattr(args, flag, meta[flag])
 
 
+# Seeds feed torch.manual_seed (at most 2**64 - 1) times the world size: kept well inside it.
+MAX_SEED = 2**32
+
+
 def check_numbers(args):
     """Values outside a flag's range would train nonsense or fail late: one line each, now."""
     rules = [("lr", args.lr > 0, "a positive number, e.g. 1e-4"),
              ("weight-decay", args.weight_decay >= 0, "0 or more"),
              ("ema-decay", 0 <= args.ema_decay < 1, "in [0, 1), e.g. 0.9999"),
              ("max-grad-norm", args.max_grad_norm is None or args.max_grad_norm > 0, "a positive number"),
-             ("max-steps", args.max_steps is None or args.max_steps >= 0, "0 or more"),
+             ("max-steps", args.max_steps is None or args.max_steps >= 1, "1 or more (0 would train nothing)"),
+             ("global-seed", 0 <= args.global_seed < MAX_SEED, f"a whole number from 0 to {MAX_SEED - 1}"),
              ("keep-last", args.keep_last >= 0, "0 (keep all) or more"),
              ("sample-every", args.sample_every >= 0, "0 (never) or more"),
              ("eval-every", args.eval_every >= 0, "0 (never) or more")]
@@ -283,7 +295,15 @@ class Resume:
 
 
 def find_resume(args):
-    """The checkpoint to resume and where to continue; run on rank 0 only."""
+    """The checkpoint to resume and where to continue; run on rank 0 only. A resume on other data than
+    the checkpoint's is refused unless --allow-data-change (check_same_data)."""
+    resume = pick_resume(args)
+    if resume.ckpt is not None:
+        check_same_data(args, resume)
+    return resume
+
+
+def pick_resume(args):
     if args.resume is None:
         return Resume()
     if args.resume == "auto":
@@ -299,6 +319,41 @@ def find_resume(args):
     if later:  # continuing there would overwrite or prune the first run's later work
         return Resume(args.resume, ckpt, None, f"{experiment} holds {len(later)} later checkpoint(s), kept as they are")
     return Resume(args.resume, ckpt, experiment)
+
+
+def data_identity(args, dataset=None):
+    """What data this run reads: its folder, image count and class names (an image folder's, or as the
+    features' metadata records them). Recorded in the checkpoints' args (log_start), compared on a
+    resume. dataset: the one built (else the folder is listed)."""
+    if args.feature_path:
+        meta = dataset.meta if dataset is not None else data.FeatureShards.read_meta(args.feature_path)
+        return {"path": os.path.realpath(args.feature_path), "images": meta.get("num_images"),
+                "classes": meta.get("classes")}
+    if dataset is None:  # a listing only: no image is read
+        dataset = data.ImageFolder(args.data_path, args.image_size or 256, in_memory=False, quiet=True)
+    return {"path": os.path.realpath(args.data_path), "images": len(dataset), "classes": list(dataset.classes)}
+
+
+def describe_data(identity):
+    classes = identity.get("classes") or []
+    names = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+    return f"{identity.get('path')} ({identity.get('images')} images, {len(classes)} classes: {names})"
+
+
+def check_same_data(args, resume):
+    """Refuse (or, with --allow-data-change, note) a resume whose checkpoint was trained on other data.
+    Checkpoints written before the data was recorded are not compared."""
+    recorded = (resume.ckpt.get("args") or {}).get("data_identity")
+    if not recorded:
+        return
+    current = data_identity(args)
+    if recorded == current:
+        return
+    text = (f"--resume {resume.path} was trained on {describe_data(recorded)}, but this run reads "
+            f"{describe_data(current)}")
+    if not args.allow_data_change:
+        raise cli.UserError(f"{text}; pass the same data, or --allow-data-change to continue on the new data")
+    print(f"note: {text}; continuing on the new data (--allow-data-change)", file=sys.stderr)
 
 
 def find_latest_readable(args):
@@ -439,10 +494,19 @@ def restore(state, ckpt, path, args, steps_per_epoch):
 
 def open_experiment(run, resume, state):
     """Decide the experiment folder on rank 0 (created only now, so bad input leaves no empty
-    folder behind), clear temp files a killed save left, open the logs."""
+    folder behind), lock it against a second run, clear temp files a killed save left, open the
+    logs. A resumed run that is already complete exits here (0), writing nothing."""
     args = run.args
+    if resume.path and (state.epoch >= args.epochs or (args.max_steps is not None
+                                                        and state.train_steps >= args.max_steps)):
+        if run.rank == 0:
+            limit = f"--max-steps {args.max_steps}" if args.max_steps is not None else f"--epochs {args.epochs}"
+            print(f"{resume.path} is already complete at step {state.train_steps} ({limit}): nothing to train, "
+                  f"nothing written; raise {limit.split()[0]} to train on", file=sys.stderr)
+        raise SystemExit(0)  # on every rank alike: each restored the same checkpoint
     if run.rank == 0:
         folder = resume.experiment_dir or new_experiment_dir(args)
+        lock_experiment(folder)
         os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
         # Where this run and the one it continues save: a kill during a save leaves a temp file there.
         resumed_from = os.path.dirname(os.path.abspath(resume.path)) if resume.path else None
@@ -459,8 +523,67 @@ def open_experiment(run, resume, state):
             run.metrics_log.truncate_after(state.train_steps)
 
 
+LOCK_FILE = "run.lock"
+
+
+def lock_experiment(folder):
+    """Take the experiment folder for this process (rank 0), so that two runs (two `--resume auto`)
+    never write into one folder: an exclusive lock file holding the owner's host and pid, removed at
+    exit. A lock whose process has ended on this host (killed: nothing removed it) is taken over,
+    saying so; one held by a live process, or by another host, is refused in one line."""
+    path = os.path.join(folder, LOCK_FILE)
+    mine = f"{socket.gethostname()} {os.getpid()}\n"
+    for attempt in itertools.count():
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = read_lock(path)
+            if owner is None:  # gone meanwhile, or just created and not yet written: look again shortly
+                if attempt > 20 and os.path.exists(path):  # its writer died between the two
+                    print(f"taking over {path}: it names no process", file=sys.stderr)
+                    os.remove(path)
+                time.sleep(0.1)
+                continue
+            host, pid = owner
+            if host == socket.gethostname() and pid == os.getpid():
+                os.remove(path)  # an earlier run of this process (train.main called again from Python)
+                continue
+            if host == socket.gethostname() and not download.process_alive(pid):
+                print(f"taking over {path}: its run (pid {pid} on this host) has ended without removing it",
+                      file=sys.stderr)
+                os.remove(path)
+                continue
+            where = "on this host" if host == socket.gethostname() else f"on host {host}"
+            raise cli.UserError(f"{folder} is in use by another training run (pid {pid} {where}, lock file {path}); "
+                                f"wait for it to finish, or delete the lock file if that run is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        atexit.register(release_lock, path, mine)
+        return path
+
+
+def read_lock(path):
+    """(host, pid) of a lock file, None when it is gone or not yet written."""
+    try:
+        with open(path) as f:
+            host, pid = f.read().split()
+        return host, int(pid)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def release_lock(path, mine):
+    try:
+        with open(path) as f:
+            if f.read() == mine:
+                os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def log_start(run, state, dataset, steps_per_epoch, resume):
     args, logger = run.args, run.logger
+    args.data_identity = data_identity(args, dataset)  # saved with every checkpoint (rank 0 writes them)
     logger.info(f"Experiment directory: {run.experiment_dir}")
     logger.info(f"{args.model}: {sum(p.numel() for p in state.model.parameters()):,} parameters; input "
                 f"{input_text(args)}x{args.in_channels}; "

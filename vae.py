@@ -11,6 +11,7 @@ import os
 import torch
 
 import cli
+import hub
 from errors import UserError
 
 LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
@@ -37,6 +38,8 @@ def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32, tiling
     from diffusers.models import AutoencoderKL
 
     source = vae_source(vae, vae_path)
+    if not vae_path:  # a hub id: its cached copy, or one line when there is neither a copy nor a network
+        source = hub.cached_or_reachable(source, "the VAE", "pass --vae-path to a local diffusers AutoencoderKL folder")
     try:
         model = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
     except Exception as e:  # offline, missing files, bad config: huggingface_hub and diffusers raise many kinds

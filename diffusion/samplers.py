@@ -145,10 +145,10 @@ GAUSSIAN, FLOW = ("eps", "v"), ("flow",)
 # In the order --sampler's help lists them; an objective's first sampler is its default where the
 # script's default does not fit it.
 SAMPLERS = {entry.name: entry for entry in (
-    SamplerEntry("ddpm", GAUSSIAN, _ddpm, "ancestral, as the original", process=_respaced("{}")),
-    SamplerEntry("ddim", GAUSSIAN, _ddim, "deterministic", process=_respaced("ddim{}")),
-    SamplerEntry("dpm-solver", GAUSSIAN, _dpm_solver, "DPM-Solver++(2M), ~25 steps suffice",
-                 process=_solver_process),
+    # The release's 250 for ddpm; the counts the README recommends for the fast ones.
+    SamplerEntry("ddpm", GAUSSIAN, _ddpm, "ancestral, as the original", steps=250, process=_respaced("{}")),
+    SamplerEntry("ddim", GAUSSIAN, _ddim, "deterministic", steps=50, process=_respaced("ddim{}")),
+    SamplerEntry("dpm-solver", GAUSSIAN, _dpm_solver, "DPM-Solver++(2M)", steps=25, process=_solver_process),
     SamplerEntry("heun", FLOW, _heun, "2nd order", steps=16),
     SamplerEntry("euler", FLOW, _euler, "1st order", steps=50),
     SamplerEntry("dopri5", FLOW, _dopri5, "adaptive, from --atol and --rtol", steps=0, options=("atol", "rtol"),
@@ -187,10 +187,12 @@ def check_fits(name, objective):
 
 
 def resolve(name, steps, objective, default):
-    """(sampler, steps) with None resolved: the script's `default` (name, steps) sampler where it
-    fits the objective, else the objective's first; a sampler's own step count, else the script's."""
+    """(sampler, steps) with None resolved: the script's `default` (name, steps) where that sampler
+    fits the objective, else the objective's first sampler; a sampler named without steps runs its
+    own default count (the table's `steps`)."""
+    scripts_own = name is None and objective in entry_for(default[0]).objectives  # the script's default pair
     if name is None:
-        name = default[0] if objective in entry_for(default[0]).objectives else fitting(objective)[0]
+        name = default[0] if scripts_own else fitting(objective)[0]
     entry = entry_for(name)
     check_fits(name, objective)
     if entry.steps == 0:
@@ -200,7 +202,7 @@ def resolve(name, steps, objective, default):
                                f"({entry.help}); drop it, or use --sampler {fixed} for a fixed count")
         return name, 0
     if steps is None:
-        steps = default[1] if entry.steps is None else entry.steps
+        steps = default[1] if scripts_own or entry.steps is None else entry.steps
     if steps < 1:
         raise ProcessError(f"--num-sampling-steps must be at least 1, got {steps}")
     return name, steps

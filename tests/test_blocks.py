@@ -11,6 +11,7 @@ import torch
 
 import ablate
 import cli
+import distributed
 import flops
 import sample
 import sampling
@@ -221,6 +222,33 @@ def test_ablate_variants_make_a_grid():
     argv = ablate.train_argv(args, extra, variants[0])
     assert argv[argv.index("--lr", argv.index("--lr") + 1) + 1] == "1e-3"  # the user's flag wins over the demo's
     assert argv[-2:] == ["--global-seed", "0"]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--vary", "objective=eps,flow"], ["variant objective=flow, seed=0, scoring", "--sampler dpm-solver needs",
+                                        "use heun"]),
+    (["--vary", "lr=1e-3", "--sampler", "euler"], ["variant lr=1e-3, seed=0, scoring", "--sampler euler needs"]),
+    (["--vary", "lr=1e-3", "--device", "cuda"], ["--device cuda", "no CUDA GPU"]),
+])
+def test_ablate_checks_every_variants_scoring_before_any_training(tmp_path, monkeypatch, argv, words):
+    monkeypatch.setattr(ablate, "train_variant", lambda *a: pytest.fail("trained before checking"))
+    monkeypatch.setattr(distributed, "visible_cuda_devices", lambda: 0)  # a CPU machine, also on a GPU one
+    with pytest.raises(cli.UserError) as e:
+        ablate.main([*argv, "--steps", "2", "--out", str(tmp_path / "out")])
+    for text in words:
+        assert text in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_ablate_sampler_names_are_argparse_choices_and_help_shows_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--vary", "lr=1e-3", "--sampler", "bogus"])
+    assert "argument --sampler: invalid choice: 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 2000)" in out and "(default: dpm-solver)" in out and "(default: 25)" in out
 
 
 class StubScorer:

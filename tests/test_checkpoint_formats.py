@@ -337,3 +337,29 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(tmp_path, monkeypat
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert e.value.code == 2 and len(errors) == 1, errors
     assert "dit-tests/never-cached" in errors[0] and "internet" in errors[0]
+
+
+def test_checkpoint_help_imports_no_torch():
+    """--help answers before the heavy imports (torch, models, diffusers: seconds)."""
+    probe = ("import runpy, sys; sys.argv = ['checkpoint.py', '--help']\n"
+             "try:\n    runpy.run_path('checkpoint.py', run_name='__main__')\n"
+             "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "usage: checkpoint.py" in done.stdout and done.stdout.strip().endswith("no torch"), done.stdout
+
+
+def test_a_folder_named_like_a_safetensors_file_is_called_a_folder(tmp_path):
+    (tmp_path / "dit.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder, not a file"):
+        checkpoint.load(str(tmp_path / "dit.safetensors"))
+
+
+def test_nan_weights_are_refused_in_every_format(tmp_path, latent_ckpt):
+    path = checkpoint.export_safetensors(latent_ckpt, tmp_path / "dit.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["final_layer.linear.bias"][0] = float("inf")
+    save_file(tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(cli.UserError, match="NaN or infinite weights .first in final_layer.linear.bias"):
+        checkpoint.load(str(tmp_path / "bad.safetensors"))

@@ -257,7 +257,8 @@ def test_a_mirror_answering_200_with_a_web_page_is_refused_and_nothing_is_kept(s
     err = errors[0]
     assert f"{server.url}/{NAME}" in err and f"{len(HTML)} bytes" in err and "<!DOCTYPE html>" in err, err
     assert download.MIRROR_ENV in err and "--ckpt" in err
-    assert os.listdir("pretrained_models") == []  # neither the page under the weights' name nor a .part
+    assert not os.path.exists("pretrained_models")  # neither the page under the weights' name nor a .part (nor
+    # the folder, made for this download)
 
     server.payload = payload  # the mirror is fixed: the next run fetches the weights
     with open(download.download_model(NAME), "rb") as f:
@@ -352,3 +353,19 @@ def test_no_module_imports_one_that_imports_it_back():
     assert "checkpoint" not in graph["download"] and "checkpoint" not in graph["interop"]
     assert modules_in_a_cycle(graph) == set()
     assert [module for module in graph if "benchmarks" in graph[module]] == []  # ablate.py imported its flops.py
+
+
+def test_a_failed_download_leaves_no_empty_folder_and_a_file_as_dir_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{port}")
+    with pytest.raises(download.DownloadError):
+        download.find_model(NAME)
+    assert os.listdir(tmp_path) == []  # no empty pretrained_models/ behind
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: download.main([NAME, "--dir", str(tmp_path / "a-file")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--dir" in err and "is a file, not a folder" in err and err.count("\n") == 1, err

@@ -279,3 +279,81 @@ def test_a_sampler_is_one_entry_of_the_table(tmp_path, pixel_ckpt, monkeypatch):
     images = sample.main(["--ckpt", pixel_ckpt, "--sampler", "one-step", "--class-labels", "1 2",
                           "--output", str(tmp_path / "x.png")])
     assert images.shape == (2, 8, 8, 1) and images.std() > 0
+
+
+# ------------------------------------------------------------------ issue 24: faults
+def nan_checkpoint(tmp_path, pixel_ckpt, name="blocks.1.mlp.fc2.weight"):
+    ckpt = torch.load(pixel_ckpt, weights_only=True)
+    ckpt["ema"][name][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_nan_weights_are_refused_at_load_naming_the_tensor(tmp_path, pixel_ckpt, capsys):
+    bad = nan_checkpoint(tmp_path, pixel_ckpt)
+    code, err = run_cli(sample.main, ["--ckpt", bad, "--output", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and bad in err and "NaN or infinite weights" in err and "blocks.1.mlp.fc2.weight" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+    with pytest.raises(cli.UserError, match="blocks.1.mlp.fc2.weight"):  # digits.py score's way in
+        sampling.generate_from_checkpoint(bad, [0, 1])
+
+
+def test_a_huge_cfg_scale_stops_in_one_line_before_saving(tmp_path, pixel_ckpt, capsys):
+    code, err = run_cli(sample.main, ["--ckpt", pixel_ckpt, "--cfg-scale", "1e30", "--num-sampling-steps", "3",
+                                      "--output", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "NaN or infinite values" in err and "--cfg-scale 1e+30" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_output_that_is_a_folder_is_refused_before_sampling(tmp_path, pixel_ckpt, capsys, monkeypatch):
+    (tmp_path / "out.png").mkdir()
+    monkeypatch.setattr(sampling, "load_model", lambda *a: pytest.fail("loaded the model first"))
+    code, err = run_cli(sample.main, ["--ckpt", pixel_ckpt, "--output", str(tmp_path / "out.png")], capsys)
+    assert code == 2 and "is a folder, not a file" in err and "out.png" in err and err.count("\n") == 1, err
+
+
+def test_vae_on_a_pixel_checkpoint_names_the_space_not_the_size(tmp_path, pixel_ckpt, capsys):
+    code, err = run_cli(sample.main, ["--ckpt", pixel_ckpt, "--vae", "ema", "--output", str(tmp_path / "x.png")],
+                        capsys)
+    assert code == 2 and "pixel-space model" in err and "drop --vae" in err and "--image-size" not in err, err
+
+
+@pytest.mark.parametrize("sampler,steps", [(None, 250), ("ddpm", 250), ("ddim", 50), ("dpm-solver", 25)])
+def test_each_sampler_runs_its_own_default_step_count(sampler, steps, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # --help unwrapped
+    args = sample.parse_args([] if sampler is None else ["--sampler", sampler])
+    chosen = sampling.make_sampler(args.sampler, args.num_sampling_steps, None, **sampling.sampler_options(args))
+    assert (chosen.name, chosen.steps) == (sampler or "ddpm", steps)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    assert "ddpm 250, ddim 50, dpm-solver 25" in capsys.readouterr().out
+
+
+def test_offline_hub_id_is_one_quick_line_naming_the_network(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for ckpt in ("facebook/DiT-XL-2-256", str(tmp_path / "tiny.pt")):  # the DiT from the hub; the VAE from it
+        tiny_dit.write_checkpoint(tmp_path / "tiny.pt", image_size=16)
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_dit.py"), str(ROOT / "sample.py"), "--ckpt",
+                               ckpt, "--output", str(tmp_path / "x.png")], env=env, capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "HF_HUB_OFFLINE is set" in done.stderr and "no copy is cached" in done.stderr, done.stderr
+
+
+def test_an_unresolvable_hub_host_is_one_line_without_asking_it(tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    import vae as vae_lib
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    def no_name_lookup(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_name_lookup)
+    with pytest.raises(cli.UserError, match="no network: the hub's host .* does not resolve.*--vae-path"):
+        vae_lib.load_vae("mse")

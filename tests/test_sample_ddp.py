@@ -163,3 +163,48 @@ def test_values_that_would_fail_after_sampling_are_refused_first(tmp_path, capsy
     assert e.value.code == 2 and len(lines) == 1, lines
     for text in expected:
         assert text.replace("{file}", str(blocker)) in lines[0], lines[0]
+
+
+def test_a_rerun_remakes_damaged_images_and_names_them(tmp_path, pixel_ckpt, capsys):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "4", "--num-sampling-steps", "2",
+            "--sample-dir", str(tmp_path)]
+    first = np.load(sample_ddp.main(argv))["arr_0"]
+    folder = glob.glob(str(tmp_path / "*.npz"))[0][:-len(".npz")]
+    open(os.path.join(folder, "000001.png"), "wb").close()  # 0 bytes
+    from PIL import Image
+
+    Image.new("RGB", (5, 7)).save(os.path.join(folder, "000002.png"))  # another size
+    capsys.readouterr()
+    again = np.load(sample_ddp.main(argv))["arr_0"]
+    err = capsys.readouterr().err
+    assert "re-making 2 damaged image(s)" in err and "000001.png (empty)" in err and "000002.png (7x5, not 8x8)" in err
+    assert "sampling 2 of 4 images" in err, err
+    np.testing.assert_array_equal(again, first)
+
+
+def test_a_corrupt_settings_record_is_one_line(tmp_path, pixel_ckpt, capsys):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "2", "--num-sampling-steps", "2",
+            "--sample-dir", str(tmp_path)]
+    folder = sample_ddp.main(argv)[:-len(".npz")]
+    with open(folder + ".json", "w") as f:
+        f.write('{"model": "DiT-')  # cut off
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sample_ddp.main(argv))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(lines) == 1 and ".json, the record of the samples' settings, is not readable" \
+        in lines[0] and "delete it" in lines[0], lines
+
+
+def test_nan_weights_and_a_huge_cfg_scale_write_no_samples(tmp_path, pixel_ckpt, capsys):
+    ckpt = torch.load(pixel_ckpt, weights_only=True)
+    ckpt["ema"]["final_layer.linear.weight"][1, 2] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    base = ["--device", "cpu", "--num-fid-samples", "2", "--num-sampling-steps", "2"]
+    for extra, words in ((["--ckpt", str(tmp_path / "nan.pt")], "final_layer.linear.weight"),
+                         (["--ckpt", pixel_ckpt, "--cfg-scale", "1e30"], "--cfg-scale 1e+30")):
+        out = tmp_path / extra[1].replace("/", "_")[-8:]
+        with pytest.raises(SystemExit) as e:
+            cli.run(lambda: sample_ddp.main([*base, *extra, "--sample-dir", str(out)]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "NaN or infinite" in err, err
+        assert not glob.glob(str(out / "*" / "*.png")) and not glob.glob(str(out / "*.npz"))

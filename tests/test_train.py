@@ -366,3 +366,68 @@ def test_resume_refuses_a_model_flag_that_contradicts_the_checkpoint(flags, word
     err = run_main(bare_args(pixels, tmp_path, "--max-steps", 3, "--resume", path, *flags), capsys)
     assert err.count("\n") == 1 and words in err and "drop" in err, err
     assert sorted(os.listdir(tmp_path / EXPERIMENT / "checkpoints")) == ["0000002.pt"]  # nothing trained
+
+
+# ------------------------------------------------------------------ issue 24: faults
+@pytest.mark.parametrize("flag,value,words", [("--max-steps", 0, "--max-steps 0 is out of range"),
+                                              ("--global-seed", 10**30, "--global-seed 1000000000000000000000000000000 "
+                                                                        "is out of range")])
+def test_max_steps_zero_and_a_huge_seed_are_one_line(pixels, tmp_path, capsys, flag, value, words):
+    err = run_main(pixel_args(pixels, tmp_path, flag, value), capsys)
+    assert words in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / EXPERIMENT)  # nothing written
+
+
+@pytest.mark.parametrize("flag", ["--num-workers", "--cpu-threads"])
+def test_negative_workers_and_threads_are_argparse_errors(pixels, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(pixel_args(pixels, tmp_path, flag, -1))
+    assert e.value.code == 2 and f"{flag}: must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_a_finished_run_says_so_and_writes_nothing(pixels, tmp_path, capsys):
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2)) is None
+    folder = tmp_path / EXPERIMENT
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(pixel_args(pixels, tmp_path, "--max-steps", 2, "--resume", "auto"))
+    out = capsys.readouterr()
+    assert e.value.code == 0 and "already complete at step 2" in out.err and "Training for" not in out.out, out
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+    assert sorted(os.listdir(tmp_path)) == [EXPERIMENT]
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(pixels, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert run_main(pixel_args(pixels, results, "--max-steps", 2)) is None
+    other = write_images(tmp_path / "other", per_class=9, seed=1)
+    err = run_main(pixel_args(other, results, "--max-steps", 3, "--resume", "auto"), capsys)
+    assert "was trained on" in err and str(pixels) in err and str(other) in err and "--allow-data-change" in err, err
+    assert "24 images" in err and "27 images" in err and err.count("\n") == 1, err
+    assert not (results / EXPERIMENT / "checkpoints" / "0000003.pt").exists()
+    assert run_main(pixel_args(other, results, "--max-steps", 3, "--resume", "auto", "--allow-data-change")) is None
+    assert "continuing on the new data" in capsys.readouterr().err
+    ckpt = checkpoint(results, 3)
+    assert ckpt["args"]["data_identity"] == {"path": os.path.realpath(other), "images": 27,
+                                             "classes": ["class0", "class1", "class2"]}
+
+
+def test_a_second_run_cannot_take_a_locked_folder(pixels, tmp_path, capsys):
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2)) is None
+    lock = tmp_path / EXPERIMENT / train.LOCK_FILE
+    host = __import__("socket").gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{host} {alive.pid}\n")
+        err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, "--resume", "auto"), capsys)
+        assert f"in use by another training run (pid {alive.pid} on this host" in err and str(lock) in err, err
+        assert not (tmp_path / EXPERIMENT / "checkpoints" / "0000003.pt").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    # The same lock, its process gone (killed: nothing removed it): taken over, saying so.
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, "--resume", "auto")) is None
+    assert f"taking over {lock}" in capsys.readouterr().err
+    assert (tmp_path / EXPERIMENT / "checkpoints" / "0000003.pt").exists()
+    assert lock.read_text() == f"{host} {os.getpid()}\n"  # this process's until it exits
