@@ -2,8 +2,13 @@
 
 Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) each process joins the job's group;
 run as plain `python script.py` it forms a group of one, so the same code path serves both.
-NCCL on CUDA, gloo on CPU.
+NCCL on CUDA, gloo on CPU. `setup(timeout_min=...)` sets how long a collective or barrier waits
+(train.py --dist-timeout-min: the others wait at a barrier while rank 0 writes a checkpoint or
+computes FID). `local_rank0_first()` runs a block on each machine's local rank 0 before the
+others, so what it downloads (released weights, the hub's VAE) is fetched once per machine.
 """
+import contextlib
+import datetime
 import os
 import socket
 
@@ -65,19 +70,23 @@ def pick_device(name=None):
     return parse_device(name, visible_cuda_devices())
 
 
-def setup(device=None):
-    """Join (or form) the process group; returns (rank, world_size, device)."""
+def setup(device=None, timeout_min=None):
+    """Join (or form) the process group; returns (rank, world_size, device). timeout_min: how long
+    a collective or barrier waits for the other ranks before the job fails (None: PyTorch's default,
+    10 minutes for NCCL)."""
     device = choose_device(device, os.environ, visible_cuda_devices())
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **timeout)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    **timeout)
     return rank, world_size, device
 
 
@@ -99,8 +108,26 @@ def cleanup():
 
 
 def barrier():
+    """Wait for every rank (for as long as setup's timeout_min)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def local_rank0_first():
+    """Run the block on each machine's local rank 0 first, then on the other ranks at once: what
+    it downloads or caches (released weights, the VAE from the hub) is fetched once per machine
+    (where the file system is not shared) and found in place by the others. Every rank must enter
+    it. Rank 0 reaches the barrier even when the block fails, so the others never wait forever:
+    they then run the block themselves and fail (or succeed) on their own."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if first:
+            barrier()
 
 
 def mean_over_ranks(value, device):

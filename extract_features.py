@@ -53,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=cli.non_negative_int, default=4,
                         help="data-loading processes per rank (0: load in the main process)")
     parser.add_argument("--device", type=str, default="auto", help="auto | cuda | cpu")
+    vae_lib.add_encode_precision_flag(parser)
     args = parser.parse_args(argv)
     if any(side % vae_lib.DOWNSAMPLE for side in cli.height_width(args.image_size)):
         raise cli.UserError(f"--image-size {cli.size_text(args.image_size)} is not divisible by {vae_lib.DOWNSAMPLE} "
@@ -78,6 +79,8 @@ def extract(args, rank, world_size, device):
               "shard_size": args.shard_size, "dtype": args.dtype}
     if args.vae_tiling:  # recorded only when on, so folders made before the flag existed still resume
         config["vae_tiling"] = True
+    if args.vae_precision != "fp32":  # likewise: other latents, so a resume must not mix them
+        config["vae_precision"] = args.vae_precision
     config_path = os.path.join(args.feature_path, CONFIG)
     done = [os.path.exists(os.path.join(args.feature_path, data.shard_name(i))) for i in range(num_shards)]
     if rank == 0:
@@ -94,8 +97,8 @@ def extract(args, rank, world_size, device):
                             f"({', '.join(changed)} differ); use a new --feature-path or delete that folder")
 
     todo = [i for i in range(rank, num_shards, world_size) if not done[i]]
-    if todo:
-        vae = vae_lib.load_vae(args.vae, args.vae_path, device, tiling=args.vae_tiling)
+    with distributed.local_rank0_first():  # one download of a hub VAE per machine
+        vae = vae_lib.load_vae(args.vae, args.vae_path, device, tiling=args.vae_tiling) if todo else None
     images_todo = sum(min(args.shard_size, len(dataset) - i * args.shard_size) for i in todo)
     if rank == 0:
         print(f"{len(dataset)} images in {len(dataset.classes)} classes -> {num_shards} shards in "
@@ -112,7 +115,7 @@ def extract(args, rank, world_size, device):
         for images, y in loader:
             x = images.to(device).float() / 127.5 - 1
             # One batch holds the images then their mirror images: stored as [:, 0] and [:, 1].
-            mean, std = vae_lib.encode_distribution(vae, torch.cat([x, x.flip(-1)]))
+            mean, std = vae_lib.encode_distribution(vae, torch.cat([x, x.flip(-1)]), args.vae_precision)
             means.append(torch.stack(mean.chunk(2), dim=1).to(dtype).cpu())
             stds.append(torch.stack(std.chunk(2), dim=1).to(dtype).cpu())
             labels.append(y)

@@ -121,11 +121,13 @@ def is_well_formed_pickle(path):
     return opcodes > 1  # more than a lone STOP, which one random byte in 256 would be
 
 
-def load_torch(path, what="checkpoint"):
-    """torch.load(weights_only=True) with one-line errors for missing, corrupt or unsafe files."""
+def load_torch(path, what="checkpoint", mmap=False):
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt or unsafe files.
+    mmap: map a zip-format file's tensors from the page cache instead of reading them into this
+    process's memory (older, non-zip files are read)."""
     path = check_input_file(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
         text = str(e).strip()
         lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]

@@ -14,7 +14,10 @@ behind the same --ckpt path is refused). Sample i's label, start noise and per-s
 from a generator seeded with (global seed, i), so the images do not depend on the number of
 processes: with the same --per-proc-batch-size, device and thread count they are bitwise
 identical; another batch size changes only floating-point rounding (kernels round differently
-for other shapes). PNGs are written atomically, and a restarted run skips the ones already there and completes the set.
+for other shapes). On GPUs the noise comes from a generator on the GPU seeded alike (drawn
+there each step, no copy; other numbers than on the CPU), the label from the CPU's as everywhere.
+Released weights and the hub's VAE are fetched by each machine's first process before the
+others load them. PNGs are written atomically, and a restarted run skips the ones already there and completes the set.
 """
 import argparse
 import dataclasses
@@ -74,6 +77,17 @@ def folder_name(args, settings):
     return (f"{settings.model.replace('/', '-')}-{ckpt}-size-{cli.size_text(settings.image_size)}-vae-{settings.vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-{args.num_sampling_steps}{cache}"
             + ("" if args.quantize == "none" else f"-{args.quantize}"))
+
+
+def labels_and_generators(args, num_classes, indices, device):
+    """(labels, the generators of the samples' noise) for sample `indices`. The labels are drawn
+    from CPU generators on every device; on CPU the noise then follows from the same generators
+    (the release's draws), on a GPU from generators there seeded alike."""
+    generators = sampling.seeded_generators(args.global_seed, indices)
+    labels = class_labels(args, num_classes, indices, generators)
+    if torch.device(device).type == "cuda":
+        generators = sampling.seeded_generators(args.global_seed, indices, device)
+    return labels, generators
 
 
 def class_labels(args, num_classes, indices, generators):
@@ -171,11 +185,12 @@ def _sample(args, rank, world_size, device):
     distributed.share_cpu_threads(device)
     cli.set_tf32(args.precision, device)
 
-    model, settings = sampling.load_model(args, device)
+    with distributed.local_rank0_first():  # released weights and hub files: one download per machine
+        model, settings = sampling.load_model(args, device)
+        decode = sampling.load_decoder(settings, device, args.vae_batch_size, tiling=args.vae_tiling)
     sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, settings.diffusion_args,
                                     **sampling.sampler_options(args))
     args.sampler, args.num_sampling_steps = sampler.name, sampler.steps  # the defaults resolved, for the record
-    decode = sampling.load_decoder(settings, device, args.vae_batch_size, tiling=args.vae_tiling)
     folder = os.path.join(args.sample_dir, folder_name(args, settings))
     # Rank 0 hashes the weights (gigabytes for DiT-XL/2) once for everyone.
     sha256 = distributed.broadcast(checkpoint_sha256(settings.ckpt) if rank == 0 else None)
@@ -204,8 +219,7 @@ def _sample(args, rank, world_size, device):
         # A short batch is padded to full size (extras dropped): every call then has the same shapes,
         # and kernels round the same way whatever the split over processes.
         padded = indices + indices[-1:] * (args.per_proc_batch_size - len(indices))
-        generators = sampling.seeded_generators(args.global_seed, padded)
-        labels = class_labels(args, settings.num_classes, padded, generators)
+        labels, generators = labels_and_generators(args, settings.num_classes, padded, device)
         noise = sampling.draw(generators, shape).to(device)
         latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
                                        guide_all_channels=args.cfg_all_channels, precision=args.precision,

@@ -450,7 +450,7 @@ def generate_from_checkpoint(ckpt, labels, cfg_scale=4.0, sampler=None, num_samp
     out, stats = [], []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="batches", leave=False) if progress else starts:
-        generators = seeded_generators(seed, range(start, min(start + batch_size, len(labels))))
+        generators = seeded_generators(seed, range(start, min(start + batch_size, len(labels))), device)
         noise = draw(generators, shape).to(device)
         latents, batch_stats = generate(model, chosen, labels[start:start + batch_size], cfg_scale, noise,
                                         guide_all_channels=guide_all_channels, precision=precision,
@@ -468,13 +468,18 @@ def _mean_stats(weighted):
                    for field in dataclasses.fields(Stats)))
 
 
-def seeded_generators(global_seed, indices):
-    """One CPU generator per sample index, seeded from (global_seed, index) alone."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([global_seed, int(i)])
-                                              .generate_state(1, np.uint64)[0]))
+def seeded_generators(global_seed, indices, device="cpu"):
+    """One generator per sample index, seeded from (global_seed, index) alone. On a CUDA device the
+    generators live there, so each step's noise is drawn on the GPU (no CPU draw and copy per step;
+    other numbers than the CPU's, as the device's generator is another algorithm); on any other
+    device they are CPU generators, whose draws are the release's."""
+    device = torch.device(device)
+    where = device if device.type == "cuda" else "cpu"
+    return [torch.Generator(device=where).manual_seed(int(np.random.SeedSequence([global_seed, int(i)])
+                                                          .generate_state(1, np.uint64)[0]))
             for i in indices]
 
 
 def draw(generators, shape):
-    """One draw of `shape` from each generator, stacked: (len(generators), *shape)."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+    """One draw of `shape` from each generator, on its device, stacked: (len(generators), *shape)."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])

@@ -118,6 +118,10 @@ def parse_args(argv=None):
     cli.add_device_flags(parser, precision="tf32", compile=True)
     parser.add_argument("--cpu-threads", type=cli.non_negative_int, default=0,
                         help="CPU training: threads per process (default: the cores over the processes per machine)")
+    vae_lib.add_encode_precision_flag(parser)  # --vae-precision, for --data-path (--feature-path: no encoding)
+    parser.add_argument("--dist-timeout-min", type=cli.positive_int, default=30,
+                        help="minutes a rank waits for the others (at a barrier while rank 0 writes a "
+                             "checkpoint or computes FID) before the job fails")
     return parser.parse_args(argv)
 
 
@@ -483,6 +487,7 @@ def restore(state, ckpt, path, args, steps_per_epoch):
     for group in state.opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
         group.update(adamw_kernel(next(state.model.parameters()).device, args.compile))  # not the saving run's
+    place_optimizer_state(state.opt)
     if ckpt.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(ckpt["scaler"])
     state.train_steps, state.epoch = ckpt["train_steps"], ckpt.get("epoch", 0)
@@ -490,6 +495,27 @@ def restore(state, ckpt, path, args, steps_per_epoch):
     if state.batches_done >= steps_per_epoch:
         state.epoch, state.batches_done = state.epoch + 1, 0
     state.last_ckpt = path
+
+
+def place_optimizer_state(opt):
+    """Put each optimiser state tensor where this run's kernel reads it. load_state_dict places
+    `step` by the saving run's groups (torch.optim.Optimizer: on the parameter's device, float32,
+    only where those were fused or capturable), and restore may switch the kernel (a CPU checkpoint
+    resumed on CUDA becomes fused): fused and capturable kernels want `step` as float32 on the
+    parameter's device, foreach and the loop on the CPU (torch/optim/adam.py). The moments go on
+    the parameter's device in its dtype."""
+    for group in opt.param_groups:
+        step_on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = opt.state.get(param, {})
+            for key, value in state.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    where = dict(device=param.device, dtype=torch.float32) if step_on_device else dict(device="cpu")
+                else:
+                    where = dict(device=param.device, dtype=param.dtype if value.is_floating_point() else None)
+                state[key] = value.to(**{k: v for k, v in where.items() if v is not None})
 
 
 def open_experiment(run, resume, state):
@@ -627,7 +653,7 @@ def model_input(run, batch, flip, latent_noise, vae):
     if vae is not None:
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        mean, std = vae_lib.encode_distribution(vae, x)
+        mean, std = vae_lib.encode_distribution(vae, x, run.args.vae_precision)
         x = vae_lib.sample_latents(mean, std, noise=latent_noise)
     return x, y
 
@@ -809,7 +835,7 @@ def evaluate_fid(run, state, sampler, vae):
 # ------------------------------------------------------------------ the run
 def main(argv=None):
     args = check_args(parse_args(argv))
-    rank, world_size, device = distributed.setup(args.device)
+    rank, world_size, device = distributed.setup(args.device, timeout_min=args.dist_timeout_min)
     try:
         run = Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size))
         resume = start_resume(run)
@@ -857,7 +883,8 @@ def train(run, resume):
     dataset, sampler, loader, steps_per_epoch = build_data(run)
     need_vae = args.vae != "none" and (not args.feature_path or (run.rank == 0 and args.sample_every)
                                        or args.eval_every)
-    vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
+    with distributed.local_rank0_first():  # one download of a hub VAE per machine
+        vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
     if vae is not None and run.device.type == "cuda":  # cuDNN's faster layout for the encoder's convolutions
         vae = vae.to(memory_format=torch.channels_last)
     state = build_state(run)

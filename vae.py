@@ -17,6 +17,14 @@ from errors import UserError
 LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
 DOWNSAMPLE = 8  # image size / latent size
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+ENCODE_PRECISIONS = ("fp32", "bf16", "fp16")  # encode_distribution's precision: float32 or autocast
+
+
+def add_encode_precision_flag(parser):
+    """--vae-precision, as train.py (--data-path) and extract_features.py read it."""
+    parser.add_argument("--vae-precision", choices=ENCODE_PRECISIONS, default="fp32",
+                        help="encode images under bf16/fp16 autocast: faster on GPUs, the latents off by the "
+                             "rounding (docs/gpu.md); default fp32")
 
 
 def vae_source(vae, vae_path=None):
@@ -55,7 +63,7 @@ def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32, tiling
 def encode_distribution(vae, images, precision="fp32"):
     """Mean and standard deviation of the encoder's Gaussian for images in [-1, 1] (unscaled), float32.
     precision bf16 or fp16 runs the encoder under autocast (train.py --vae-precision): on GPUs several
-    times faster than float32, the latents then off by the low precision's rounding (docs/speed.md)."""
+    times faster than float32, the latents then off by the low precision's rounding (docs/gpu.md)."""
     with cli.autocast(precision, images.device):
         dist = vae.encode(images.to(vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()

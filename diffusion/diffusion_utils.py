@@ -1,5 +1,5 @@
-"""Helpers for the diffusion process: per-device copies of its tables, and the Gaussian
-likelihoods used by the variational-bound terms."""
+"""Helpers for the diffusion process: per-device copies of its tables, timestep batches that
+remember their value on the host, and the Gaussian likelihoods used by the variational-bound terms."""
 import math
 
 import torch
@@ -24,6 +24,27 @@ class DeviceCopies:
             copies = {key: value.to(device) for key, value in self._by_device[_CPU].items()}
             self._by_device[device] = copies
         return copies[name]
+
+
+def timestep_batch(value, n, device, dtype=torch.long):
+    """n copies of the timestep `value`, filled on the device (no copy from the host), with `value`
+    kept on the host as well (host_timestep reads it there): a sampler's decision by noise level
+    (--cfg-interval, --cache-interval) then costs no device-to-host sync per model call."""
+    t = torch.full((n,), value, device=device, dtype=dtype)
+    return with_host_timestep(t, value)
+
+
+def with_host_timestep(t, value):
+    """t, remembering that its values are all `value` (a Python number)."""
+    t.host_timestep = value
+    return t
+
+
+def host_timestep(t):
+    """The first value of a batch of timesteps: the host copy kept by timestep_batch, else read
+    from the device (one sync: the adaptive dopri5 solver's times, computed on the device)."""
+    value = getattr(t, "host_timestep", None)
+    return float(t[0]) if value is None else float(value)
 
 
 def mean_flat(x):

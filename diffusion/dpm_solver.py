@@ -11,6 +11,8 @@ model (train.py --objective v) runs through the same solver with prediction_type
 import torch
 from tqdm.auto import tqdm
 
+from .diffusion_utils import timestep_batch
+
 
 def make_scheduler(betas, num_steps, prediction_type="epsilon"):
     """The solver's timestep grid over the training process: num_steps points from T-1 towards 0."""
@@ -42,7 +44,7 @@ def dpm_solver_sample_loop(model, noise, betas, num_steps, model_kwargs=None, pr
     channels = noise.shape[1]
     steps = tqdm(scheduler.timesteps, desc="sampling", leave=False) if progress else scheduler.timesteps
     for t in steps:
-        t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        t_batch = timestep_batch(int(t), x.shape[0], x.device)
         prediction = model(x, t_batch, **model_kwargs)[:, :channels]
         x = scheduler.step(prediction.float(), t, x).prev_sample
     return x

@@ -21,10 +21,11 @@ function velocity(x, t) (t a float, or a 0-d tensor for dopri5) and need nothing
 """
 import math
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion_utils import mean_flat
+from .diffusion_utils import host_timestep, mean_flat, with_host_timestep
 
 TIMESTEP_SCALE = 1000.0  # the model sees t * 1000, as the Gaussian process's timestep indices
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -50,8 +51,8 @@ class LinearFlow:
 
     @staticmethod
     def noise_level(model_t):
-        """The noise level in [0, 1] of the model's timestep input, t (its first value, read to the host)."""
-        return float(model_t[0]) / TIMESTEP_SCALE
+        """The noise level in [0, 1] of the model's timestep input, t (its first value, kept on the host)."""
+        return host_timestep(model_t) / TIMESTEP_SCALE
 
     @staticmethod
     def velocity_field(model, model_kwargs, channels):
@@ -59,6 +60,8 @@ class LinearFlow:
         `channels` channels; t a float, or a 0-d tensor (dopri5)."""
         def velocity(x, t):
             timesteps = torch.as_tensor(t, dtype=torch.float32, device=x.device).mul(TIMESTEP_SCALE).expand(len(x))
+            if not torch.is_tensor(t):  # a time of the fixed grid: known on the host
+                with_host_timestep(timesteps, float(np.float32(t) * np.float32(TIMESTEP_SCALE)))  # as on the device
             return model(x, timesteps, **model_kwargs)[:, :channels]
         return velocity
 

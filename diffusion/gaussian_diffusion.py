@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion_utils import DeviceCopies, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .diffusion_utils import (DeviceCopies, discretized_gaussian_log_likelihood, host_timestep, mean_flat, normal_kl,
+                              timestep_batch)
 
 
 class ModelMeanType(enum.Enum):
@@ -130,8 +131,8 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
     def noise_level(self, model_t):
-        """The noise level in [0, 1] of the model's timestep input (its first value, read to the host)."""
-        return float(model_t[0]) / self.num_timesteps
+        """The noise level in [0, 1] of the model's timestep input (its first value, kept on the host)."""
+        return host_timestep(model_t) / self.num_timesteps
 
     def _lookup(self, name, t, broadcast_shape):
         """Table `name` at timesteps t as float32 on t's device, broadcast to broadcast_shape."""
@@ -240,7 +241,7 @@ class GaussianDiffusion:
         if progress:
             indices = tqdm(indices, desc="sampling", leave=False)
         for i in indices:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # filled on the device, no copy
+            t = timestep_batch(i, shape[0], device)  # filled on the device, no copy
             with torch.no_grad():
                 out = step(model, img, t, **step_kwargs)
             yield out

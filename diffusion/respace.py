@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from .diffusion_utils import DeviceCopies
+from .diffusion_utils import DeviceCopies, host_timestep, with_host_timestep
 from .gaussian_diffusion import GaussianDiffusion
 
 RESPACING_FORMS = ('"" (all steps), "N" (N evenly spaced steps, e.g. "250"), "ddimN" (N steps with an '
@@ -70,7 +70,7 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def noise_level(self, model_t):
         """The noise level in [0, 1] of the model's timestep input: an original timestep / their count."""
-        return float(model_t[0]) / self.original_num_steps
+        return host_timestep(model_t) / self.original_num_steps
 
     def _wrap(self, model):
         if isinstance(model, _OriginalTimesteps):
@@ -94,6 +94,9 @@ class _OriginalTimesteps:
     def __call__(self, x, ts, **kwargs):
         # Gathered on ts's device from a copy made once per device: no host round trip per call.
         original = self.original_timesteps.get("timestep_map", ts.device)[ts].to(ts.dtype)
+        if getattr(ts, "host_timestep", None) is not None:  # and the host's copy, mapped on the host
+            host_map = self.original_timesteps.get("timestep_map", torch.device("cpu"))
+            with_host_timestep(original, int(host_map[ts.host_timestep]))
         return self.model(x, original, **kwargs)
 
     def parameters(self):

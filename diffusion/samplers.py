@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import flow
+from .diffusion_utils import timestep_batch
 from .dpm_solver import dpm_solver_sample_loop
 from .gaussian_diffusion import ModelMeanType
 from .objectives import ProcessError, create_process
@@ -56,7 +57,7 @@ def _ddpm(process, job):
     x = job.noise
     steps = range(process.num_timesteps - 1, -1, -1)
     for i in tqdm(steps, desc="sampling", leave=False) if job.progress else steps:
-        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+        t = timestep_batch(i, len(x), x.device)
         out = process.p_mean_variance(job.model, x, t, clip_denoised=False, model_kwargs=job.model_kwargs)
         if i == 0:  # no noise on the last step
             return out["mean"]
