@@ -149,3 +149,20 @@ def test_checkpoint_of_another_model_names_both():
     with pytest.raises(ValueError, match=r"DiT-B/4.*DiT-S/2"):
         load_weights(small, other)
     assert describe_state_dict(small.state_dict()).startswith("DiT-S/2, input 32x32x4, 1000 classes")
+
+
+def test_guidance_is_combined_in_float32_under_bf16_autocast():
+    """Under bf16 autocast the model's two halves come out in bf16; the guided prediction is computed
+    from them in float32 and rounded once (scale 4 would amplify bf16's rounding of the difference)."""
+    model = _random_model(in_channels=4, learn_sigma=True)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([5, 900, 5, 900]), torch.tensor([1, 2, 5, 5])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.cat([x[:2], x[:2]]), t, y)
+        guided = model.forward_with_cfg(x, t, y, 4.0)
+    assert out.dtype == guided.dtype == torch.bfloat16
+    cond, uncond = out[:, :3].split(2)
+    in_float32 = (uncond.float() + 4.0 * (cond.float() - uncond.float())).to(torch.bfloat16)
+    in_bf16 = uncond + 4.0 * (cond - uncond)
+    assert torch.equal(guided[:2, :3], in_float32) and torch.equal(guided[2:, :3], in_float32)
+    assert not torch.equal(in_bf16, in_float32)  # the two ways differ: the test can tell them apart
+    assert torch.equal(guided[:, 3:], out[:, 3:])  # the rest passes through
