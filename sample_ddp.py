@@ -42,9 +42,11 @@ from sample import check_sampling_args, check_writable
 # Settings that change the images: a restart into the same folder must keep them.
 IMAGE_SETTINGS = ("model", "ckpt", "ckpt_sha256", "image_size", "num_classes", "vae", "vae_path", "in_channels",
                   "cfg_scale", "cfg_all_channels", "sampler", "num_sampling_steps", "global_seed", "balanced_classes",
-                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion", "vae_tiling", "quantize")
-# Settings added after the first release, with the value runs made before them had.
-ADDED_SETTINGS = {"vae_tiling": False, "quantize": "none"}
+                  "precision", "cfg_interval", "atol", "rtol", "sde_diffusion", "vae_tiling", "quantize",
+                  "noise_device")
+# Settings added after the first release, with the value runs made before them had (their noise came
+# from CPU generators on every device; on CUDA it is now drawn there: another stream).
+ADDED_SETTINGS = {"vae_tiling": False, "quantize": "none", "noise_device": "cpu"}
 CACHE_SETTINGS = ("cache_interval", "cache_start", "cache_above")  # checked when caching (older records lack them)
 
 
@@ -197,7 +199,8 @@ def _sample(args, rank, world_size, device):
     record = {**dataclasses.asdict(settings), "ckpt_sha256": sha256, **sampler.settings(),
               **{k: getattr(args, k) for k in (
                   "cfg_scale", "cfg_all_channels", "global_seed", "balanced_classes", "precision",
-                  "num_fid_samples", "per_proc_batch_size", "vae_tiling", "quantize")}}
+                  "num_fid_samples", "per_proc_batch_size", "vae_tiling", "quantize")},
+              "noise_device": "cuda" if device.type == "cuda" else "cpu"}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
     check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())

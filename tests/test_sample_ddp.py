@@ -208,3 +208,17 @@ def test_nan_weights_and_a_huge_cfg_scale_write_no_samples(tmp_path, pixel_ckpt,
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and "NaN or infinite" in err, err
         assert not glob.glob(str(out / "*" / "*.png")) and not glob.glob(str(out / "*.npz"))
+
+
+def test_samples_whose_noise_came_from_another_device_are_refused(tmp_path):
+    """CUDA runs draw their noise on the GPU (another stream than the CPU generators): a restart on the
+    other kind of device would mix two noise streams in one folder. Records older than the field drew
+    on the CPU."""
+    folder = str(tmp_path / "samples")
+    for earlier in ({"noise_device": "cpu"}, {}):  # {}: a record written before noise_device existed
+        with open(f"{folder}.json", "w") as f:
+            json.dump({"model": "DiT-XL/2", **earlier}, f)
+        sample_ddp.check_same_settings(folder, {"model": "DiT-XL/2", "noise_device": "cpu"}, ("noise_device",))
+        with pytest.raises(cli.UserError, match="noise_device"):
+            sample_ddp.check_same_settings(folder, {"model": "DiT-XL/2", "noise_device": "cuda"}, ("noise_device",))
+    assert "noise_device" in sample_ddp.IMAGE_SETTINGS
