@@ -609,3 +609,19 @@ def test_ddp_keeps_the_gradients_as_bucket_views():
             assert all(not p.grad.any() for p in model.parameters() if p.requires_grad)
         else:
             assert set(pointers[0]) == {None}
+
+
+def test_init_from_rebuilds_mm_dit_class_tokens_too():
+    import argparse
+    import types
+
+    import tiny_dit
+
+    source = tiny_dit.tiny(input_size=8, in_channels=1, num_classes=3, block="mm-dit", context_tokens=2)
+    init = types.SimpleNamespace(model_args=source.model_args, state_dict=tiny_dit.random_state_dict(
+        0, input_size=8, in_channels=1, num_classes=3, block="mm-dit", context_tokens=2))
+    model = tiny_dit.tiny(input_size=8, in_channels=1, num_classes=2, block="mm-dit", context_tokens=2)
+    train.start_from(model, init, argparse.Namespace(init_from="source.pt", class_map=None))
+    for name in train.CLASS_TABLES:
+        old, new = init.state_dict[name], model.state_dict()[name]
+        assert torch.equal(new, torch.stack([old[0], old[1], old[3]])), name  # classes 0 and 1, then the null row
