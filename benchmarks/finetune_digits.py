@@ -6,9 +6,9 @@
 Trains DiT-T/2 on the ten digits (as demo.sh, on one process), then fine-tunes it with
 `train.py --init-from` on a two-class folder holding only the 7s (new class 0) and the 3s (new
 class 1), with --class-map {"0": 7, "1": 3}. Prints digits.py's classifier accuracy on samples of
-the two new classes (read as the digits they were mapped from) for the source model, the
-fine-tuned model at step 0 (the remapped class table alone) and after fine-tuning. Runs resume
-when repeated.
+the two new classes (read as the digits they were mapped from; DPM-Solver++ 25 steps, cfg 4 and
+1) for the source model, the fine-tuned model at step 0 (the remapped class table alone) and after
+fine-tuning. The source run resumes when repeated.
 """
 import argparse
 import glob
@@ -35,12 +35,12 @@ def train(out, data, steps, *extra):
     return sorted(glob.glob(os.path.join(out, "*", "checkpoints", "*.pt")))[-1]  # the latest run's last
 
 
-def accuracy(ckpt, labels, digits, per_class, seed=0):
+def accuracy(ckpt, labels, digits, per_class, cfg_scale, seed=0):
     import digits as digits_lib
     import sampling
 
     wanted = np.repeat(labels, per_class)
-    images = sampling.generate_from_checkpoint(ckpt, wanted.tolist(), cfg_scale=4.0, sampler="dpm-solver",
+    images = sampling.generate_from_checkpoint(ckpt, wanted.tolist(), cfg_scale=cfg_scale, sampler="dpm-solver",
                                                num_sampling_steps=25, seed=seed)
     truth = np.repeat(digits, per_class)
     return digits_lib.DigitScorer().score(images, truth)["accuracy"]
@@ -69,10 +69,12 @@ def main():
     tuned = train(os.path.join(args.out, "tuned"), pair, args.finetune_steps, "--init-from", source,
                   "--num-classes", "2", "--class-map", os.path.join(args.out, "map.json"))
     labels, digits = list(MAP), list(MAP.values())
-    print(json.dumps({"source model, digits 7 and 3": accuracy(source, digits, digits, args.per_class),
-                      "remapped, step 0": accuracy(start, labels, digits, args.per_class),
-                      f"fine-tuned {args.finetune_steps} steps": accuracy(tuned, labels, digits, args.per_class)}))
-
+    for cfg in (4.0, 1.0):
+        print(json.dumps({"cfg": cfg,
+                          "source model, digits 7 and 3": accuracy(source, digits, digits, args.per_class, cfg),
+                          "remapped, step 0": accuracy(start, labels, digits, args.per_class, cfg),
+                          f"fine-tuned {args.finetune_steps} steps": accuracy(tuned, labels, digits, args.per_class,
+                                                                                cfg)}))
 
 if __name__ == "__main__":
     main()
