@@ -133,7 +133,9 @@ def add_model_flags(parser, training):
                         help="image size in pixels, N (square) or HxW (height x width, e.g. 256x384): 256 or 512 "
                              "with the VAE (any multiple of 8), any multiple of the patch in pixel space"
                              + (" (default 256, the features', or a resume's)" if training else default("")))
-    parser.add_argument("--num-classes", type=positive_int, default=None, help="class labels" + default("num_classes"))
+    parser.add_argument("--num-classes", type=non_negative_int if training else positive_int, default=None,
+                        help="class labels" + (" (0: an unconditional model)" if training else "")
+                             + default("num_classes"))
     parser.add_argument("--vae", choices=VAE_CHOICES, default=None,
                         help="Stable Diffusion VAE (ema, mse) or none for pixel space"
                              + (" (default ema, or a resume's)" if training else default("")))

@@ -606,8 +606,11 @@ class DiTConfig:
                             f"{self.num_heads}")
         if self.hidden_size % 4:
             raise UserError(f"hidden size {self.hidden_size} must be a multiple of 4 (2D sine-cosine positions)")
-        if self.num_classes < 1 or self.depth < 1 or self.in_channels < 1:
-            raise UserError("num_classes, depth and in_channels must be positive")
+        if self.num_classes < 0 or self.depth < 1 or self.in_channels < 1:
+            raise UserError("depth and in_channels must be positive, num_classes 0 (unconditional) or more")
+        if self.num_classes == 0 and not self.class_dropout_prob > 0:
+            raise UserError("an unconditional model (num_classes 0) embeds every label as the null class, which needs "
+                            "class_dropout_prob > 0 (its null row)")
         if self.pos == "rope" and (self.hidden_size // self.num_heads) % 4:
             raise UserError(f"--pos rope needs a head size that is a multiple of 4 (half for rows, half for columns, "
                             f"in pairs); hidden size {self.hidden_size} / {self.num_heads} heads is not")

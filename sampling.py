@@ -115,6 +115,7 @@ def load_model(args, device):
     latent_size = cli.size_value(height // downsample, width // downsample)
     model_args["input_size"] = trained or latent_size  # DiT runs at any size; built at the trained one
     model_args["num_classes"] = args.num_classes or model_args["num_classes"]
+    check_guidance(getattr(args, "cfg_scale", 1), model_args["num_classes"])
     # A checkpoint trained through a local VAE folder decodes with it too, unless told otherwise.
     vae_path = args.vae_path or (loaded.settings.get("vae_path") if args.vae is None else None)
 
@@ -122,8 +123,9 @@ def load_model(args, device):
     if cli.height_width(latent_size) != cli.height_width(model_args["input_size"]):
         warn_other_size(loaded.source, model_args, image_size, downsample)
     name = args.model or loaded.settings.get("model") or config_name(model_args)
-    settings = ModelSettings(name, image_size, model_args["num_classes"], vae, vae_path, model_args["in_channels"],
-                             latent_size, ckpt, model_args, loaded.diffusion_args)
+    # The labels it samples: an unconditional model (0 classes) takes one, 0, which is its null class.
+    settings = ModelSettings(name, image_size, max(1, model_args["num_classes"]), vae, vae_path,
+                             model_args["in_channels"], latent_size, ckpt, model_args, loaded.diffusion_args)
     if quantize == "int8":
         quantize_model(model)
     if getattr(args, "compile", False):  # the fast mode, --compile; caching needs the blocks compiled apart
@@ -350,6 +352,13 @@ def check_finite_samples(latents, cfg_scale, precision=None):
                             f"which would be blank images; stopped before saving ({cause})")
 
 
+def check_guidance(cfg_scale, num_classes):
+    """An unconditional model (trained with --num-classes 0) has no class to guide towards."""
+    if num_classes == 0 and cfg_scale != 1:
+        raise cli.UserError(f"--cfg-scale {cfg_scale} asks for guidance, but this model is unconditional (trained "
+                            f"with --num-classes 0): there is no class to guide towards; use --cfg-scale 1")
+
+
 def _guided(model, cfg_scale, guide_all_channels, precision, device, noise_level, cfg_interval=None,
             block_cache=None):
     """The model function the samplers call, with guidance and autocast, returning float32.
@@ -404,6 +413,7 @@ def generate(model, sampler, labels, cfg_scale, noise, *, guide_all_channels=Fal
     `step_noise` is given: a function returning the next (n, C, H, W) noise (per-sample seeded
     streams; dopri5 then also solves each sample on its own steps). Stats: the model evaluations
     per sample (nfe) and the DiT blocks run (block_evals, with caching)."""
+    check_guidance(cfg_scale, model.num_classes)
     device = noise.device
     n = len(labels)
     y = torch.as_tensor(labels, device=device, dtype=torch.long)

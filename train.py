@@ -43,9 +43,11 @@ message names resumes cleanly.
 """
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import glob
 import itertools
+import json
 import logging
 import math
 import os
@@ -79,6 +81,9 @@ from models import DiTConfig, config_name, differences, model_args_for, variant_
 
 
 # ------------------------------------------------------------------ flags
+LR_SCHEDULES = ("constant", "cosine", "linear")  # --lr-schedule; lr_at computes them
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-path", type=str, default=None, help="image folder, one sub-folder per class")
@@ -94,6 +99,23 @@ def parse_args(argv=None):
     parser.add_argument("--global-batch-size", type=cli.positive_int, default=256)
     parser.add_argument("--global-seed", type=int, default=0, help=f"0 to {MAX_SEED - 1}")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                        help="constant --lr (the paper's), or cosine / linear decay from --lr to --lr-min over the "
+                             "run (--max-steps, else --epochs)")
+    parser.add_argument("--lr-warmup-steps", type=cli.non_negative_int, default=0,
+                        help="ramp the LR linearly from 0 over the first N optimizer steps (default 0: none)")
+    parser.add_argument("--lr-min", type=float, default=None, help="cosine / linear: the final LR (default 0)")
+    parser.add_argument("--grad-accum-steps", type=cli.positive_int, default=1,
+                        help="sum the gradients of N micro-batches per optimizer step: the same training with "
+                             "1/N of the activation memory (default 1)")
+    parser.add_argument("--init-from", default=None, metavar="CKPT",
+                        help="fine-tune: start a new run (step 0, fresh optimizer) from these weights (anything "
+                             "sample.py --ckpt takes; its EMA where it has one); --num-classes and --image-size "
+                             "may differ from its own")
+    parser.add_argument("--class-map", default=None, metavar="FILE",
+                        help="--init-from with another --num-classes: a JSON {new class: old class} of the class "
+                             "embeddings to copy (default: the first classes keep theirs; the others start at "
+                             "the mean of the old classes)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1): the EMA's weight on its past")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (off)")
@@ -131,14 +153,50 @@ def check_args(args):
         raise cli.UserError("pass exactly one of --data-path (an image folder) or --feature-path (from "
                             "extract_features.py)")
     check_numbers(args)
+    check_training_options(args)
     metrics.check_loggers(args.logger)
     return args
 
 
-def take_model_settings(args, ckpt):
-    """The model flags a run builds from: the given ones, else the checkpoint's when resuming, else
-    cli.model_flag_defaults(). A given flag that contradicts the checkpoint's model_args is refused
-    in one line (another value would train its weights as another network)."""
+def check_training_options(args):
+    """The LR schedule, gradient accumulation and --init-from flags: one line each, before any work."""
+    if args.lr_min is not None and args.lr_schedule == "constant":
+        raise cli.UserError("--lr-min is where a decaying --lr-schedule ends; add --lr-schedule cosine (or linear) "
+                            "or drop --lr-min")
+    if args.lr_min is not None and not 0 <= args.lr_min <= args.lr:
+        raise cli.UserError(f"--lr-min {args.lr_min} is out of range: it must be in [0, --lr {args.lr}]")
+    if args.global_batch_size % args.grad_accum_steps:
+        raise cli.UserError(f"--global-batch-size {args.global_batch_size} does not split into --grad-accum-steps "
+                            f"{args.grad_accum_steps} micro-batches; use a multiple of {args.grad_accum_steps}")
+    if args.init_from and args.resume:
+        raise cli.UserError("--init-from starts a new run from a checkpoint's weights, --resume continues one; "
+                            "pass only one of them")
+    if args.class_map and not args.init_from:
+        raise cli.UserError("--class-map maps the classes of an --init-from checkpoint; add --init-from or drop it")
+
+
+def lr_at(args, step, horizon):
+    """The LR of the update that takes the run from `step` to step + 1. A pure function of the step,
+    so a resume continues the schedule exactly with no scheduler state saved. Warm-up: the k-th
+    update (k <= --lr-warmup-steps N) uses k/N of --lr; then --lr constant, or a cosine or linear
+    decay to --lr-min reached at `horizon` (--max-steps, else --epochs x steps per epoch)."""
+    warmup = args.lr_warmup_steps
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.lr_schedule == "constant":
+        return args.lr
+    low = args.lr_min or 0.0
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    if args.lr_schedule == "cosine":
+        return low + (args.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr + (low - args.lr) * progress
+
+
+def take_model_settings(args, ckpt, remedy="a resume continues the checkpoint's model"):
+    """The model flags a run builds from: the given ones, else the checkpoint's when resuming (or
+    fine-tuning: init_settings), else cli.model_flag_defaults(). A given flag that contradicts the
+    checkpoint's model_args is refused in one line (another value would train its weights as another
+    network)."""
     variants = [field.name for field in variant_fields()]
     if ckpt is None:
         for name, value in cli.model_flag_defaults().items():
@@ -147,7 +205,7 @@ def take_model_settings(args, ckpt):
         return
     recorded, saved = ckpt["model_args"], ckpt.get("args") or {}
     given = {name: getattr(args, name) for name in ("model", "num_classes", *variants) if getattr(args, name) is not None}
-    checkpoint.refuse_contradictions(recorded, given, "a resume continues the checkpoint's model")
+    checkpoint.refuse_contradictions(recorded, given, remedy)
     args.model = args.model or saved.get("model") or config_name(recorded)
     for name in ("num_classes", *variants):
         if getattr(args, name) is None:
@@ -428,11 +486,12 @@ def build_data(run):
     """(dataset, sampler, loader, steps_per_epoch); images or pre-extracted features."""
     args = run.args
     if args.feature_path:
-        dataset = data.FeatureShards(args.feature_path, args.num_classes)
+        dataset = data.FeatureShards(args.feature_path, args.num_classes or None)  # 0 (unconditional): any
         in_memory = len(dataset.shards) == 1
     else:
         channels = args.in_channels if args.vae == "none" else 3
-        dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes, quiet=run.rank != 0)
+        dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes or None,
+                                   quiet=run.rank != 0)
         in_memory = dataset.images is not None
     sampler = data.ResumableSampler(dataset, run.world_size, run.rank, seed=args.global_seed)
     steps_per_epoch = sampler.num_samples // run.local_batch
@@ -446,14 +505,19 @@ def build_data(run):
     return dataset, sampler, loader, steps_per_epoch
 
 
-def build_state(run):
-    """Model, EMA, optimiser: identical initial weights on every rank, whatever the world size."""
+def build_state(run, init=None):
+    """Model, EMA, optimiser: identical initial weights on every rank, whatever the world size;
+    fine-tuning: --init-from's weights (`init`) in both model and EMA."""
     args = run.args
+    micro_batch_size(run)  # refused now, before the experiment folder is made
     torch.manual_seed(args.global_seed)
     model_args = model_args_for(args.model, input_size=args.input_size, in_channels=args.in_channels,
                                 num_classes=args.num_classes, **cli.model_variant_args(args),
                                 **process_model_args(args.diffusion_args))
-    model = checkpoint.build_model(model_args).to(run.device)
+    model = checkpoint.build_model(model_args)
+    if init is not None:
+        start_from(model, init, args)
+    model = model.to(run.device)
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
@@ -623,6 +687,94 @@ def log_start(run, state, dataset, steps_per_epoch, resume):
                     f"{state.batches_done}){where}")
 
 
+# ------------------------------------------------------------------ fine-tuning: --init-from
+# The model fields a fine-tuning run may change: the class table is rebuilt (remap_class_rows) and a
+# sincos position table recomputed for the new grid; any other field would be another network.
+FINE_TUNE_FIELDS = ("num_classes", "input_size")
+CLASS_TABLES = ("y_embedder.embedding_table.weight", "class_tokens.embedding_table.weight")  # mm-dit's too
+
+
+def load_init(run):
+    """--init-from as a checkpoint.Loaded with its model_args (None without the flag). Rank 0 reads
+    it first (a released name is downloaded once), the other ranks after it."""
+    source = run.args.init_from
+    if not source:
+        return None
+    init = checkpoint.load(source) if run.rank == 0 else None
+    distributed.barrier()
+    init = init or checkpoint.load(source)
+    init.model_args = init.model_args or checkpoint.model_args_from_state_dict(init.state_dict)
+    if init.model_args is None:
+        raise cli.UserError(f"--init-from {source!r} records no model configuration and its shapes match no named "
+                            f"config; pass a train.py checkpoint or a .safetensors export")
+    return init
+
+
+def init_settings(args, init):
+    """--init-from's record as take_model_settings and run_diffusion_args read a checkpoint's: its
+    model_args (with --num-classes when given), its process, and its image size and VAE (a bare
+    state_dict's image size from its position table, as a latent-space model's)."""
+    model_args = dict(init.model_args)
+    if args.num_classes is not None:
+        class_mapping(args.class_map, model_args["num_classes"], args.num_classes)  # a bad file: refused now
+        model_args["num_classes"] = args.num_classes
+    saved = dict(init.settings)
+    if saved.get("image_size") is None and saved.get("vae") != "none":
+        height, width = cli.height_width(model_args["input_size"])
+        saved["image_size"] = cli.size_value(height * vae_lib.DOWNSAMPLE, width * vae_lib.DOWNSAMPLE)
+    return {"model_args": model_args, "args": saved, "diffusion_args": init.diffusion_args}
+
+
+def class_mapping(path, old, new):
+    """{new class: old class}: --class-map's JSON, else identity for the first min(old, new) classes."""
+    if path is None:
+        return {i: i for i in range(min(old, new))}
+    try:
+        with open(path) as f:
+            mapping = {int(new_class): int(old_class) for new_class, old_class in json.load(f).items()}
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise cli.UserError(f"--class-map {path!r} is not a readable JSON object of new class -> old class, such as "
+                            f"{{\"0\": 2, \"1\": 0}} ({str(e).splitlines()[0][:100]}); fix the file") from None
+    for new_class, old_class in mapping.items():
+        if not (0 <= new_class < new and 0 <= old_class < old):
+            raise cli.UserError(f"--class-map {path!r} maps new class {new_class} to old class {old_class}, but the "
+                                f"new classes are 0..{new - 1} and the --init-from checkpoint's 0..{old - 1}; fix it")
+    return mapping
+
+
+def remap_class_rows(table, old, new, mapping, has_null):
+    """A class table (one row per class, then the null row when there is one) for `new` classes from
+    one for `old`: new class i copies old row mapping[i]; the others start at the mean of the old
+    class rows (the null row when there are none: an unconditional model); the null row is kept."""
+    start = table[:old].mean(0) if old else table[old]
+    rows = start.expand(new + has_null, -1).clone()
+    for new_class, old_class in mapping.items():
+        rows[new_class] = table[old_class]
+    if has_null:
+        rows[new] = table[old]
+    return rows
+
+
+def start_from(model, init, args):
+    """Load --init-from's weights into a newly built model whose fields may differ only in
+    FINE_TUNE_FIELDS (else one line naming the field)."""
+    theirs, ours = init.model_args, model.model_args
+    fixed = {k: v for k, v in theirs.items() if k not in FINE_TUNE_FIELDS}
+    if any(ours.get(k) != v for k, v in fixed.items()):
+        raise cli.UserError(f"--init-from {args.init_from} holds {DiTConfig(**theirs).describe()}, which cannot carry "
+                            f"over to the {model.config.describe()} this run builds ({differences(fixed, ours)}); "
+                            f"drop the flags that differ (only --num-classes and --image-size may)")
+    weights = dict(init.state_dict)
+    old, new, has_null = theirs["num_classes"], ours["num_classes"], model.y_embedder.dropout_prob > 0
+    mapping = class_mapping(args.class_map, old, new)
+    for name in CLASS_TABLES:
+        if name in weights:
+            weights[name] = remap_class_rows(weights[name], old, new, mapping, has_null)
+    if "pos_embed" in weights and cli.height_width(theirs["input_size"]) != cli.height_width(ours["input_size"]):
+        weights["pos_embed"] = model.pos_embed.detach().clone()  # built for this run's grid (fixed sincos)
+    load_weights(model, weights, f"--init-from {args.init_from}")
+
+
 # ------------------------------------------------------------------ one step
 def step_randomness(run, step, dropout, x_shape, process):
     """Every random draw of a step, made for the whole global batch from the step's seed, then
@@ -658,51 +810,107 @@ def model_input(run, batch, flip, latent_noise, vae):
     return x, y
 
 
-def train_step(run, state, diffusion, inputs):
-    """Forward, backward, optimiser and EMA update; returns the loss (a tensor: no host sync)."""
-    args = run.args
-    x, t, kwargs, noise = inputs
-    with cli.autocast(args.precision, run.device):
-        loss = diffusion.training_losses(state.trained, x, t, kwargs, noise=noise)["loss"].mean()
-    state.scaler.scale(loss).backward()
+def micro_batches(run, batch, randomness, dropout, vae):
+    """The model inputs (x, t, kwargs, noise) of this rank's --grad-accum-steps micro-batches,
+    made one at a time (the VAE encodes a micro-batch, not the whole batch, at once). Each takes
+    consecutive samples of the rank's share and their slice of the step's random draws, so
+    every sample keeps its draws whatever the split. An unconditional model (--num-classes 0)
+    sees every label as its null class, 0."""
+    flip, drop, t, latent_noise, noise = randomness
+    size = run.local_batch // run.args.grad_accum_steps
+    for start in range(0, run.local_batch, size):
+        part = slice(start, start + size)
+        x, y = model_input(run, tuple(v[part] for v in batch), flip[part], latent_noise[part], vae)
+        if run.args.num_classes == 0:
+            y = torch.zeros_like(y)
+        yield x, t[part], dict(y=y, force_drop_ids=drop[part]) if dropout > 0 else dict(y=y), noise[part]
+
+
+def micro_batch_size(run):
+    """Images per micro-batch; refused in one line unless each rank's batch splits evenly."""
+    if run.local_batch % run.args.grad_accum_steps:
+        raise cli.UserError(f"--global-batch-size {run.args.global_batch_size} gives {run.local_batch} images per "
+                            f"process, which do not split into --grad-accum-steps {run.args.grad_accum_steps} "
+                            f"micro-batches; use a multiple of {run.world_size * run.args.grad_accum_steps}")
+    return run.local_batch // run.args.grad_accum_steps
+
+
+def train_step(run, state, diffusion, micro_inputs):
+    """Forward and backward over the micro-batches (gradients summed; DDP all-reduces only after
+    the last), then the optimiser and EMA update. Returns (the loss, mean over this rank's batch;
+    1 where fp16's GradScaler skipped the update, else None; the last micro-batch's inputs), as
+    tensors: no host sync."""
+    args, n = run.args, run.args.grad_accum_steps
+    total = None
+    for i, inputs in enumerate(micro_inputs):
+        x, t, kwargs, noise = inputs
+        # DDP's no_sync: no all-reduce in the backward of the first n - 1 micro-batches
+        skip_sync = i < n - 1 and hasattr(state.trained, "no_sync")
+        with state.trained.no_sync() if skip_sync else contextlib.nullcontext():
+            with cli.autocast(args.precision, run.device):
+                loss = diffusion.training_losses(state.trained, x, t, kwargs, noise=noise)["loss"].mean()
+            state.scaler.scale(loss if n == 1 else loss / n).backward()
+        total = loss.detach() if n == 1 else (loss.detach() / n if total is None else total + loss.detach() / n)
     if args.max_grad_norm:
         state.scaler.unscale_(state.opt)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.max_grad_norm)
-    state.scaler.step(state.opt)
-    state.scaler.update()
-    state.opt.zero_grad(set_to_none=True)
+    skipped = scaled_step(state.scaler, state.opt)
+    # Under DDP the gradients are views of its buckets: zeroing keeps them (None would reallocate
+    # them and copy them into the buckets at every step); one process frees them, as the release.
+    state.opt.zero_grad(set_to_none=run.world_size == 1)
     with torch.no_grad():
         torch._foreach_lerp_(list(state.ema.parameters()), list(state.model.parameters()), 1 - args.ema_decay)
-    return loss.detach()
+    return total, skipped, inputs
+
+
+def scaled_step(scaler, opt):
+    """scaler.step and update; returns a bool tensor on the device, True where GradScaler skipped the
+    step (inf/NaN gradients: it then lowers its scale, the one thing that lowers it), None when the
+    scaler is off (not fp16). Read at log time, not here: no host sync."""
+    if not scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+        return None
+    before = scaler._scale.clone()  # GradScaler keeps its scale on the device; get_scale() would sync
+    scaler.step(opt)
+    scaler.update()
+    return scaler._scale < before
 
 
 # ------------------------------------------------------------------ logging and checkpoints
 @dataclasses.dataclass
 class Window:
-    """The losses since the last log line, kept on the device."""
+    """The losses since the last log line, and the steps fp16's GradScaler skipped, kept on the device."""
     loss_sum: torch.Tensor
-    bad_steps: torch.Tensor
+    bad_steps: torch.Tensor  # non-finite losses
+    skipped_steps: torch.Tensor  # updates GradScaler skipped (inf/NaN gradients, whatever the loss)
     steps: int = 0
     start: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
     def new(cls, device):
         return cls(torch.zeros((), device=device, dtype=torch.float64),
-                   torch.zeros((), device=device, dtype=torch.long))
+                   torch.zeros((), device=device, dtype=torch.long), torch.zeros((), device=device, dtype=torch.long))
 
-    def add(self, loss):
+    def add(self, loss, skipped=None):
         finite = torch.isfinite(loss)
         self.loss_sum += torch.where(finite, loss.double(), 0.0)
         self.bad_steps += (~finite).long()
+        if skipped is not None:
+            self.skipped_steps += skipped.long()
         self.steps += 1
 
 
 def check_window(run, state, window):
-    """The window's loss averaged over ranks; stops on NaN/inf (fp16: only when every step overflowed)."""
+    """The window's loss averaged over ranks; stops on NaN/inf. fp16 skips steps with inf/NaN
+    gradients and lowers its loss scale: it stops only when every step of the window had a
+    non-finite loss, or was skipped with the scale already below 1 (then no scale is to blame)."""
     loss = distributed.mean_over_ranks(window.loss_sum.item() / max(1, window.steps - window.bad_steps.item()),
                                        run.device)
     bad = distributed.mean_over_ranks(window.bad_steps.item(), run.device)
     if (bad > 0 and run.args.precision != "fp16") or (window.steps and bad >= window.steps) or not math.isfinite(loss):
+        raise_diverged(run, state)
+    if window.steps and window.skipped_steps.item() >= window.steps and state.scaler.get_scale() < 1:
         raise_diverged(run, state)
     return loss
 
@@ -721,7 +929,7 @@ def log_window(run, state, window):
               "steps_per_sec": window.steps / elapsed, "images_per_sec": window.steps * run.args.global_batch_size
               / elapsed, "peak_mem_gib": peak_memory_gib(run.device), "lr": state.opt.param_groups[0]["lr"]}
     if run.args.precision == "fp16":
-        record["skipped_steps"] = int(distributed.mean_over_ranks(window.bad_steps.item(), run.device) * run.world_size)
+        record["skipped_steps"] = round(distributed.mean_over_ranks(window.skipped_steps.item(), run.device))
     if run.rank == 0:
         run.logger.info(f"(step={state.train_steps:07d}) Train Loss: {record['loss']:.4f}, Train Steps/Sec: "
                         f"{record['steps_per_sec']:.2f}, Images/Sec: {record['images_per_sec']:.1f}, "
@@ -811,7 +1019,7 @@ def evaluate_fid(run, state, sampler, vae):
     for start in range(0, per_rank, run.local_batch):
         n = min(run.local_batch, per_rank - start)
         noise = torch.randn((n, args.in_channels, *cli.height_width(args.input_size)), generator=g).to(run.device)
-        labels = torch.randint(0, args.num_classes, (n,), generator=g).to(run.device)
+        labels = torch.randint(0, max(1, args.num_classes), (n,), generator=g).to(run.device)  # unconditional: 0
         chunks.append(generate(run, state.ema, sampler, noise, labels, args.eval_cfg_scale, vae,
                                seed=step_seed(args.global_seed + 2, run.rank * 100_003 + start)))
     gathered = [chunks]
@@ -839,18 +1047,24 @@ def main(argv=None):
     try:
         run = Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size))
         resume = start_resume(run)
-        apply_checkpoint_settings(args, resume.ckpt)
-        train(run, resume)
+        init = load_init(run)  # --init-from: the weights a new run starts from (None without it)
+        apply_checkpoint_settings(args, resume.ckpt, init)
+        train(run, resume, init)
     finally:
         distributed.cleanup()
 
 
-def apply_checkpoint_settings(args, ckpt):
+def apply_checkpoint_settings(args, ckpt, init=None):
     """What the checkpoint a run resumes decides, set on args before anything is built (ckpt None:
-    a fresh run, from the flags and their defaults): the model (take_model_settings), the process
-    (args.diffusion_args, the checkpoint's, which the process flags --objective, --t-sampling, ...
-    may only repeat), then the sizes they give. The one place for every setting a checkpoint decides."""
-    take_model_settings(args, ckpt)
+    a fresh run, from the flags and their defaults, or fine-tuning from `init`, --init-from's
+    checkpoint): the model (take_model_settings), the process (args.diffusion_args, the checkpoint's,
+    which the process flags --objective, --t-sampling, ... may only repeat), then the sizes they
+    give. The one place for every setting a checkpoint decides."""
+    if ckpt is None and init is not None:
+        ckpt = init_settings(args, init)
+        take_model_settings(args, ckpt, "fine-tuning keeps its model; only --num-classes and --image-size may differ")
+    else:
+        take_model_settings(args, ckpt)
     try:
         args.diffusion_args = run_diffusion_args(args, ckpt["diffusion_args"] if ckpt is not None else None)
         if args.sampler is not None:  # the sampler of the grids and --eval-every
@@ -866,8 +1080,10 @@ GLOO_BUCKET_MB = 5
 
 
 def wrap_ddp(run, model):
-    """The model under DDP when there are several ranks. Gradients are views of DDP's buckets (no copy
-    of every gradient into them each step); over gloo the buckets hold GLOO_BUCKET_MB."""
+    """The model under DDP when there are several ranks. Gradients are views of DDP's buckets, so the
+    backward writes them in place, with no copy into the buckets, as long as they are zeroed rather
+    than set to None between steps (train_step does; None would reallocate them and copy them into
+    the buckets at every step, as PyTorch's DDP docstring warns). Over gloo the buckets hold GLOO_BUCKET_MB."""
     if run.world_size == 1:
         return model
     if run.device.type == "cuda":
@@ -875,8 +1091,9 @@ def wrap_ddp(run, model):
     return DDP(model, gradient_as_bucket_view=True, bucket_cap_mb=GLOO_BUCKET_MB)
 
 
-def train(run, resume):
-    """Train from the start, or on from `resume` (start_resume's, whose settings are already on run.args)."""
+def train(run, resume, init=None):
+    """Train from the start (from --init-from's weights `init`, when given), or on from `resume`
+    (start_resume's, whose settings are already on run.args)."""
     args = run.args
     distributed.share_cpu_threads(run.device, args.cpu_threads)
     cli.set_tf32(args.precision, run.device)
@@ -887,7 +1104,7 @@ def train(run, resume):
         vae = vae_lib.load_vae(args.vae, args.vae_path, run.device) if need_vae else None
     if vae is not None and run.device.type == "cuda":  # cuDNN's faster layout for the encoder's convolutions
         vae = vae.to(memory_format=torch.channels_last)
-    state = build_state(run)
+    state = build_state(run, init)
     if resume.path:
         restore(state, resume.ckpt, resume.path, args, steps_per_epoch)
         resume.ckpt = None  # free the loaded copy
@@ -920,6 +1137,8 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
 
     args = run.args
     diffusion = create_process(args.diffusion_args)
+    if args.num_classes == 0:  # an unconditional model has no class to guide towards
+        args.cfg_scale = args.eval_cfg_scale = 1.0
     watcher = sampling.make_sampler(args.sampler, args.num_sampling_steps, args.diffusion_args,
                                     **sampling.sampler_options(args)) if args.sample_every or args.eval_every else None
     dropout = state.model.y_embedder.dropout_prob
@@ -930,10 +1149,12 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
     while state.epoch < args.epochs and state.train_steps < max_steps:
         sampler.set_epoch(state.epoch, skip=state.batches_done * run.local_batch)
         for batch in loader:
-            flip, drop, t, latent_noise, noise = step_randomness(run, state.train_steps, dropout, x_shape, diffusion)
-            x, y = model_input(run, batch, flip, latent_noise, vae)
-            inputs = (x, t, dict(y=y, force_drop_ids=drop) if dropout > 0 else dict(y=y), noise)
-            window.add(train_step(run, state, diffusion, inputs))
+            randomness = step_randomness(run, state.train_steps, dropout, x_shape, diffusion)
+            for group in state.opt.param_groups:
+                group["lr"] = lr_at(args, state.train_steps, max_steps)
+            loss, skipped, inputs = train_step(run, state, diffusion, micro_batches(run, batch, randomness, dropout,
+                                                                                     vae))
+            window.add(loss, skipped)
             state.train_steps += 1
             state.batches_done += 1
             if state.train_steps % args.log_every == 0:

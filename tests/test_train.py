@@ -431,3 +431,267 @@ def test_a_second_run_cannot_take_a_locked_folder(pixels, tmp_path, capsys):
     assert f"taking over {lock}" in capsys.readouterr().err
     assert (tmp_path / EXPERIMENT / "checkpoints" / "0000003.pt").exists()
     assert lock.read_text() == f"{host} {os.getpid()}\n"  # this process's until it exits
+
+
+# ------------------------------------------------------------------ accumulation, LR schedules, fine-tuning, unconditional
+ACCUM_STEPS = 4  # steps of the accumulation runs: 24 images at batch 16, one step an epoch
+
+
+def largest_difference(ours, theirs, key):
+    return max((ours[key][k] - theirs[key][k]).abs().max().item() for k in theirs[key])
+
+
+def assert_same_training(ours, theirs, report):
+    """Weights within float rounding of each other (2e-6, as test_two_processes_match_one), after
+    updates that moved them by far more (Adam's steps at lr 1e-4: about 1e-4 each)."""
+    moved = largest_difference(theirs, {"model": theirs["ema"]}, "model")  # the EMA is near the start
+    assert moved > 1e-4
+    for key in ("model", "ema"):
+        print(f"{report}: largest {key} difference {largest_difference(ours, theirs, key):.3g} (moved {moved:.3g})")
+        for name in theirs[key]:
+            torch.testing.assert_close(ours[key][name], theirs[key][name], atol=2e-6, rtol=1e-5, msg=f"{key}.{name}")
+
+
+@pytest.fixture(scope="module")
+def batch16(pixels, tmp_path_factory):
+    """One process, global batch 16 in one go: the large batch that accumulation must match."""
+    results = tmp_path_factory.mktemp("batch16")
+    assert run_main(pixel_args(pixels, results, "--max-steps", ACCUM_STEPS, "--global-batch-size", 16)) is None
+    return results
+
+
+def test_grad_accumulation_matches_the_large_batch(pixels, batch16, tmp_path):
+    """1 process x 4 micro-batches of 4 = 1 process x batch 16: weights and the logged loss."""
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", ACCUM_STEPS, "--global-batch-size", 16,
+                               "--grad-accum-steps", 4)) is None
+    assert_same_training(checkpoint(tmp_path, ACCUM_STEPS), checkpoint(batch16, ACCUM_STEPS), "1 process x 4")
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path)], [r["loss"] for r in metrics(batch16)],
+                               rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_over_two_processes_matches_the_large_batch(pixels, batch16, tmp_path):
+    """2 gloo processes x 2 micro-batches of 4 (DDP all-reduces after the second only) = batch 16."""
+    torchrun("train.py", *pixel_args(pixels, tmp_path, "--max-steps", ACCUM_STEPS, "--global-batch-size", 16,
+                                     "--grad-accum-steps", 2))
+    assert_same_training(checkpoint(tmp_path, ACCUM_STEPS), checkpoint(batch16, ACCUM_STEPS), "2 processes x 2")
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path)], [r["loss"] for r in metrics(batch16)],
+                               rtol=1e-5)
+
+
+def test_micro_batches_must_split_each_process_batch():
+    import argparse
+    import types
+
+    # 12 images split into 4 micro-batches, but not each process's 6 (2 processes)
+    run = types.SimpleNamespace(args=argparse.Namespace(global_batch_size=12, grad_accum_steps=4), local_batch=6,
+                                world_size=2)
+    with pytest.raises(cli.UserError, match="gives 6 images per process.*multiple of 8"):
+        train.micro_batch_size(run)
+    run.args.grad_accum_steps = 3
+    assert train.micro_batch_size(run) == 2
+
+
+def test_lr_schedule_values():
+    import math
+
+    args = train.parse_args(["--data-path", "x", "--lr", "1e-3", "--lr-warmup-steps", "4", "--lr-schedule", "cosine",
+                             "--lr-min", "1e-5"])
+    lrs = [train.lr_at(args, step, 14) for step in range(14)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear from 0: the k-th update k/4 of --lr
+    assert lrs[4] == 1e-3 and lrs[9] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 1e-5
+    args.lr_schedule = "linear"
+    assert train.lr_at(args, 9, 14) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert train.lr_at(args, 99, 14) == pytest.approx(1e-5)
+    release = train.parse_args(["--data-path", "x"])
+    assert {train.lr_at(release, step, 10) for step in range(10)} == {1e-4}  # constant: --lr itself
+
+
+def test_resume_with_accumulation_and_lr_schedule_is_exact(pixels, tmp_path):
+    """The LR is a function of the step (no scheduler state): a run resumed at step 4 logs the same LR,
+    loss and weights as the uninterrupted run, with gradient accumulation on."""
+    flags = ("--max-steps", STEPS, "--grad-accum-steps", 2, "--lr", 1e-3, "--lr-warmup-steps", 2,
+             "--lr-schedule", "cosine", "--lr-min", 1e-5)
+    assert run_main(pixel_args(pixels, tmp_path / "full", *flags)) is None
+    full = metrics(tmp_path / "full")
+    args = train.parse_args(pixel_args(pixels, tmp_path, *flags))
+    assert [r["lr"] for r in full] == pytest.approx([train.lr_at(args, step, STEPS) for step in range(STEPS)])
+    assert full[0]["lr"] == pytest.approx(5e-4)
+    assert full[-1]["lr"] < full[3]["lr"] < full[2]["lr"] == full[1]["lr"] == 1e-3
+    start = tmp_path / "full" / EXPERIMENT / "checkpoints" / "0000004.pt"
+    assert run_main(pixel_args(pixels, tmp_path / "resumed", *flags, "--resume", start)) is None
+    ours, theirs = checkpoint(tmp_path / "resumed", STEPS), checkpoint(tmp_path / "full", STEPS)
+    for key in ("model", "ema"):
+        assert all(torch.equal(ours[key][k], theirs[key][k]) for k in theirs[key]), key
+    resumed = [(r["step"], r["lr"], r["loss"]) for r in metrics(tmp_path / "resumed")]
+    assert resumed == [(r["step"], r["lr"], r["loss"]) for r in full[4:]]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--lr-min", "1e-5"), "--lr-min is where a decaying --lr-schedule ends"),
+    (("--lr-schedule", "cosine", "--lr-min", "1"), "--lr-min 1.0 is out of range"),
+    (("--grad-accum-steps", "3"), "does not split into --grad-accum-steps 3"),
+    (("--init-from", "x.pt", "--resume", "auto"), "pass only one of them"),
+    (("--class-map", "map.json"), "--class-map maps the classes of an --init-from checkpoint"),
+])
+def test_schedule_accumulation_and_init_flags_refused_in_one_line(flags, words, pixels, tmp_path, capsys):
+    err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 1, *flags), capsys)
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not os.path.exists(tmp_path / EXPERIMENT)
+
+
+TABLE = "y_embedder.embedding_table.weight"
+
+
+def test_init_from_rebuilds_the_class_table_and_samples(pixels, reference, tmp_path):
+    """Fine-tuning the trained 3-class model to 4 classes, new 0 <- old 2 and new 1 <- old 0: those rows
+    copied, new classes 2 and 3 at the mean of the old rows, the null row kept; everything else from
+    the source's EMA; a new run (step 1 after one step, a fresh optimizer) that records its start."""
+    import sample
+
+    source_path = reference / EXPERIMENT / "checkpoints" / f"{STEPS:07d}.pt"
+    (tmp_path / "map.json").write_text(json.dumps({"0": 2, "1": 0}))
+    args = pixel_args(pixels, tmp_path / "tuned", "--max-steps", 1, "--init-from", source_path, "--class-map",
+                      tmp_path / "map.json")
+    args[args.index("--num-classes") + 1] = "4"
+    assert run_main(args) is None
+    source, tuned = checkpoint(reference, STEPS)["ema"], checkpoint(tmp_path / "tuned", 1)
+    assert tuned["train_steps"] == 1 and tuned["model_args"]["num_classes"] == 4
+    assert tuned["args"]["init_from"] == str(source_path)
+    assert all(s["step"] == 1 for s in tuned["opt"]["state"].values())  # a fresh optimizer
+    old, new = source[TABLE], tuned["ema"][TABLE]  # the EMA moved ~1e-8 in one step at decay 0.9999
+    expected = torch.stack([old[2], old[0], old[:3].mean(0), old[:3].mean(0), old[3]])
+    torch.testing.assert_close(new, expected, atol=1e-6, rtol=0)
+    assert (old[2] - old[0]).abs().max() > 1e-3  # rows that a wrong copy would not match
+    for name in source:
+        if name != TABLE:
+            torch.testing.assert_close(tuned["ema"][name], source[name], atol=1e-6, rtol=0, msg=name)
+    out = tmp_path / "tuned" / EXPERIMENT / "checkpoints" / "0000001.pt"
+    images = sample.main(["--ckpt", str(out), "--num-sampling-steps", "2", "--output", str(tmp_path / "s.png"),
+                          "--class-labels", "0", "3"])
+    assert images.shape == (2, 8, 8, 1)
+
+
+def test_init_from_at_another_image_size_rebuilds_the_position_table(pixels, reference, tmp_path):
+    import models
+
+    source_path = reference / EXPERIMENT / "checkpoints" / f"{STEPS:07d}.pt"
+    args = pixel_args(pixels, tmp_path, "--max-steps", 1, "--init-from", source_path)
+    args[args.index("--image-size") + 1] = "16"
+    assert run_main(args) is None
+    tuned, source = checkpoint(tmp_path, 1)["ema"], checkpoint(reference, STEPS)["ema"]
+    assert torch.equal(tuned["pos_embed"], models.sincos_pos_embed_2d(32, 8).unsqueeze(0))  # the 8x8 token grid
+    torch.testing.assert_close(tuned[TABLE], source[TABLE], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--model", "DiT-S/2"), "does not match the checkpoint, which was trained with --model"),
+    (("--in-channels", "3"), "cannot carry over"),
+])
+def test_init_from_refuses_what_cannot_carry_over(flags, words, pixels, reference, tmp_path, capsys):
+    source_path = reference / EXPERIMENT / "checkpoints" / f"{STEPS:07d}.pt"
+    args = [a for a in pixel_args(pixels, tmp_path, "--max-steps", 1, "--init-from", source_path)]
+    for flag in ("--model", "--in-channels"):  # the source's, unless the test gives another
+        i = args.index(flag)
+        del args[i:i + 2]
+    err = run_main(args + list(flags), capsys)
+    assert err.count("\n") == 1 and words in err, err
+    assert not os.path.exists(tmp_path / EXPERIMENT)
+
+
+def test_unconditional_model_trains_and_samples_without_guidance(pixels, tmp_path, capsys):
+    import sample
+
+    args = pixel_args(pixels, tmp_path, "--max-steps", 2, "--sample-every", 2, "--num-sampling-steps", 2)
+    args[args.index("--num-classes") + 1] = "0"
+    assert run_main(args) is None
+    ckpt = checkpoint(tmp_path, 2)
+    assert ckpt["model_args"]["num_classes"] == 0 and ckpt["ema"][TABLE].shape[0] == 1  # the null row alone
+    path = str(tmp_path / EXPERIMENT / "checkpoints" / "0000002.pt")
+    flags = ["--ckpt", path, "--num-sampling-steps", "2", "--output", str(tmp_path / "s.png")]
+    assert sample.main(flags + ["--cfg-scale", "1", "--class-labels", "0", "0", "0"]).shape == (3, 8, 8, 1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run(lambda: sample.main(flags))  # sample.py's default --cfg-scale 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unconditional" in err and "--cfg-scale 1" in err, err
+
+
+def test_fp16_counts_the_steps_grad_scaler_skipped():
+    """A finite loss with overflowing gradients: GradScaler skips the update and lowers its scale; the
+    window counts it (on the device) though no loss was non-finite. Divergence only once every step of
+    a window was skipped with the scale below 1."""
+    import argparse
+    import types
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt, scaler = torch.optim.SGD([p], lr=0.1), torch.amp.GradScaler("cpu", init_scale=4.0)
+    window = train.Window.new(torch.device("cpu"))
+    for overflow in (True, False, True):
+        loss = p.sum()
+        scaler.scale(loss).backward()
+        if overflow:
+            p.grad[0] = float("inf")
+        before = p.detach().clone()
+        skipped = train.scaled_step(scaler, opt)
+        window.add(loss.detach(), skipped)
+        assert bool(skipped) == overflow and torch.equal(p.detach(), before) == overflow
+        opt.zero_grad()
+    assert window.skipped_steps.item() == 2 and window.bad_steps.item() == 0
+    assert train.scaled_step(torch.amp.GradScaler("cpu", enabled=False), opt) is None
+    run = types.SimpleNamespace(device=torch.device("cpu"), args=argparse.Namespace(precision="fp16"))
+    state = types.SimpleNamespace(scaler=scaler, train_steps=3, last_ckpt=None)
+    all_skipped = train.Window.new(run.device)
+    all_skipped.add(torch.tensor(1.0), torch.tensor(True))
+    assert train.check_window(run, state, all_skipped) == 1.0  # scale 1: a high scale may still be to blame
+    scaler.update(0.5)
+    with pytest.raises(cli.UserError, match="NaN or infinite"):
+        train.check_window(run, state, all_skipped)
+
+
+def test_ddp_keeps_the_gradients_as_bucket_views():
+    """With several processes (DDP, gradient_as_bucket_view) the gradients are zeroed, not freed, so
+    they stay the same tensors (DDP's bucket views) from step to step; one process frees them."""
+    import argparse
+    import types
+
+    import tiny_dit
+    from diffusion import DEFAULT_DIFFUSION_ARGS, create_process
+
+    diffusion = create_process(dict(DEFAULT_DIFFUSION_ARGS))
+    for world_size in (2, 1):
+        torch.manual_seed(0)
+        model = tiny_dit.tiny(input_size=8, in_channels=1, num_classes=3)
+        state = train.State(model, tiny_dit.tiny(input_size=8, in_channels=1, num_classes=3),
+                            torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False), model)
+        run = types.SimpleNamespace(world_size=world_size, device=torch.device("cpu"), args=argparse.Namespace(
+            grad_accum_steps=1, precision="fp32", max_grad_norm=None, ema_decay=0.9))
+        x, noise = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+        inputs = (x, torch.tensor([3, 500]), dict(y=torch.tensor([0, 1])), noise)
+        pointers = []
+        for _ in range(2):
+            train.train_step(run, state, diffusion, [inputs])
+            trained = [p for p in model.parameters() if p.requires_grad]
+            pointers.append([None if p.grad is None else p.grad.data_ptr() for p in trained])
+        if world_size > 1:
+            assert None not in pointers[0] and pointers[0] == pointers[1]
+            assert all(not p.grad.any() for p in model.parameters() if p.requires_grad)
+        else:
+            assert set(pointers[0]) == {None}
+
+
+def test_init_from_rebuilds_mm_dit_class_tokens_too():
+    import argparse
+    import types
+
+    import tiny_dit
+
+    source = tiny_dit.tiny(input_size=8, in_channels=1, num_classes=3, block="mm-dit", context_tokens=2)
+    init = types.SimpleNamespace(model_args=source.model_args, state_dict=tiny_dit.random_state_dict(
+        0, input_size=8, in_channels=1, num_classes=3, block="mm-dit", context_tokens=2))
+    model = tiny_dit.tiny(input_size=8, in_channels=1, num_classes=2, block="mm-dit", context_tokens=2)
+    train.start_from(model, init, argparse.Namespace(init_from="source.pt", class_map=None))
+    for name in train.CLASS_TABLES:
+        old, new = init.state_dict[name], model.state_dict()[name]
+        assert torch.equal(new, torch.stack([old[0], old[1], old[3]])), name  # classes 0 and 1, then the null row
