@@ -183,6 +183,27 @@ def main(argv=None):
 
 
 @torch.no_grad()
+def make_images(args, indices, tools, folder, rank, device):
+    """The PNGs of the sample indices, in batches of --per-proc-batch-size; tools: (model, sampler,
+    decode, settings)."""
+    model, sampler, decode, settings = tools
+    batches = [indices[i:i + args.per_proc_batch_size] for i in range(0, len(indices), args.per_proc_batch_size)]
+    shape = settings.latent_shape()
+    for batch in tqdm(batches, desc=f"rank {rank}", disable=rank != 0):
+        # A short batch is padded to full size (extras dropped): every call then has the same shapes,
+        # and kernels round the same way whatever the split over processes.
+        padded = batch + batch[-1:] * (args.per_proc_batch_size - len(batch))
+        labels, generators = labels_and_generators(args, settings.num_classes, padded, device)
+        noise = sampling.draw(generators, shape).to(device)
+        latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
+                                       guide_all_channels=args.cfg_all_channels, precision=args.precision,
+                                       step_noise=lambda: sampling.draw(generators, shape))
+        sampling.check_finite_samples(latents, args.cfg_scale, args.precision)
+        for index, image in zip(batch, cli.to_uint8(decode(latents))):  # zip drops the padding
+            save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
+                       os.path.join(folder, f"{index:06d}.png"))
+
+
 def _sample(args, rank, world_size, device):
     distributed.share_cpu_threads(device)
     cli.set_tf32(args.precision, device)
@@ -215,22 +236,8 @@ def _sample(args, rank, world_size, device):
               file=sys.stderr)
 
     mine = missing[rank::world_size]
-    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
     start = time.time()
-    shape = settings.latent_shape()
-    for indices in tqdm(batches, desc=f"rank {rank}", disable=rank != 0):
-        # A short batch is padded to full size (extras dropped): every call then has the same shapes,
-        # and kernels round the same way whatever the split over processes.
-        padded = indices + indices[-1:] * (args.per_proc_batch_size - len(indices))
-        labels, generators = labels_and_generators(args, settings.num_classes, padded, device)
-        noise = sampling.draw(generators, shape).to(device)
-        latents, _ = sampling.generate(model, sampler, labels, args.cfg_scale, noise,
-                                       guide_all_channels=args.cfg_all_channels, precision=args.precision,
-                                       step_noise=lambda: sampling.draw(generators, shape))
-        sampling.check_finite_samples(latents, args.cfg_scale, args.precision)
-        for index, image in zip(indices, cli.to_uint8(decode(latents))):  # zip drops the padding
-            save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
-                       os.path.join(folder, f"{index:06d}.png"))
+    make_images(args, mine, (model, sampler, decode, settings), folder, rank, device)
     elapsed = time.time() - start
 
     distributed.barrier()
