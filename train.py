@@ -42,18 +42,12 @@ weights are checked (finite, and a finite loss on the last batch), so the checkp
 message names resumes cleanly.
 """
 import argparse
-import atexit
 import contextlib
 import dataclasses
-import glob
-import itertools
-import json
 import logging
 import math
 import os
-import re
 import resource
-import socket
 import sys
 import time
 from copy import deepcopy
@@ -68,9 +62,10 @@ import checkpoint
 import cli
 import data
 import distributed
-import download
 import files
+import finetune
 import metrics
+import runs
 import vae as vae_lib
 from checkpoint import load_weights
 from diffusion import (ProcessError, add_process_flags, create_process, objective_of, process_model_args,
@@ -194,7 +189,7 @@ def lr_at(args, step, horizon):
 
 def take_model_settings(args, ckpt, remedy="a resume continues the checkpoint's model"):
     """The model flags a run builds from: the given ones, else the checkpoint's when resuming (or
-    fine-tuning: init_settings), else cli.model_flag_defaults(). A given flag that contradicts the
+    fine-tuning: finetune.init_settings), else cli.model_flag_defaults(). A given flag that contradicts the
     checkpoint's model_args is refused in one line (another value would train its weights as another
     network)."""
     variants = [field.name for field in variant_fields()]
@@ -316,142 +311,6 @@ def step_seed(global_seed, step):
 
 
 # ------------------------------------------------------------------ experiment folders
-def model_string(args):
-    return args.model.replace("/", "-")
-
-
-def experiment_dirs(args):
-    """This model's experiment folders (every model's when --model is not given), oldest first (by
-    number: 999 comes before 1000)."""
-    model = re.escape(model_string(args)) if args.model else r"DiT-.+"
-    pattern = re.compile(r"^(\d{3,})-" + model + "$")
-    if not os.path.isdir(args.results_dir):
-        return []
-    found = [(int(m.group(1)), d) for d in os.listdir(args.results_dir) if (m := pattern.match(d))]
-    return [os.path.join(args.results_dir, d) for _, d in sorted(found)]
-
-
-def checkpoints_in(experiment):
-    return sorted(glob.glob(os.path.join(glob.escape(experiment), "checkpoints", "[0-9]" * 7 + ".pt")))
-
-
-def new_experiment_dir(args):
-    try:
-        os.makedirs(args.results_dir, exist_ok=True)
-        used = [int(d.split("-")[0]) for d in os.listdir(args.results_dir) if re.match(r"^\d+-", d)]
-        path = os.path.join(args.results_dir, f"{max(used, default=-1) + 1:03d}-{model_string(args)}")
-        os.makedirs(path)
-    except OSError as e:
-        raise cli.UserError(f"cannot create an experiment folder in --results-dir {args.results_dir!r} "
-                            f"({e.strerror or e}); pass a writable folder") from None
-    return path
-
-
-@dataclasses.dataclass
-class Resume:
-    """What --resume chose: a checkpoint (loaded) and the folder to continue in (None: a new one)."""
-    path: str = None
-    ckpt: dict = None
-    experiment_dir: str = None
-    note: str = ""
-
-
-def find_resume(args):
-    """The checkpoint to resume and where to continue; run on rank 0 only. A resume on other data than
-    the checkpoint's is refused unless --allow-data-change (check_same_data)."""
-    resume = pick_resume(args)
-    if resume.ckpt is not None:
-        check_same_data(args, resume)
-    return resume
-
-
-def pick_resume(args):
-    if args.resume is None:
-        return Resume()
-    if args.resume == "auto":
-        return find_latest_readable(args)
-    if not os.path.isfile(args.resume):
-        raise cli.UserError(f"--resume {args.resume!r} does not exist; pass a checkpoint file or auto")
-    ckpt = checkpoint.load_train(args.resume)
-    folder = os.path.dirname(os.path.abspath(args.resume))
-    if os.path.basename(folder) != "checkpoints":
-        return Resume(args.resume, ckpt, None, "it is not in an experiment folder")
-    experiment = os.path.dirname(folder)
-    later = [p for p in checkpoints_in(experiment) if step_of(p) > ckpt["train_steps"]]
-    if later:  # continuing there would overwrite or prune the first run's later work
-        return Resume(args.resume, ckpt, None, f"{experiment} holds {len(later)} later checkpoint(s), kept as they are")
-    return Resume(args.resume, ckpt, experiment)
-
-
-def data_identity(args, dataset=None):
-    """What data this run reads: its folder, image count and class names (an image folder's, or as the
-    features' metadata records them). Recorded in the checkpoints' args (log_start), compared on a
-    resume. dataset: the one built (else the folder is listed)."""
-    if args.feature_path:
-        meta = dataset.meta if dataset is not None else data.FeatureShards.read_meta(args.feature_path)
-        return {"path": os.path.realpath(args.feature_path), "images": meta.get("num_images"),
-                "classes": meta.get("classes")}
-    if dataset is None:  # a listing only: no image is read
-        dataset = data.ImageFolder(args.data_path, args.image_size or 256, in_memory=False, quiet=True)
-    return {"path": os.path.realpath(args.data_path), "images": len(dataset), "classes": list(dataset.classes)}
-
-
-def describe_data(identity):
-    classes = identity.get("classes") or []
-    names = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
-    return f"{identity.get('path')} ({identity.get('images')} images, {len(classes)} classes: {names})"
-
-
-def check_same_data(args, resume):
-    """Refuse (or, with --allow-data-change, note) a resume whose checkpoint was trained on other data.
-    Checkpoints written before the data was recorded are not compared."""
-    recorded = (resume.ckpt.get("args") or {}).get("data_identity")
-    if not recorded:
-        return
-    current = data_identity(args)
-    if recorded == current:
-        return
-    text = (f"--resume {resume.path} was trained on {describe_data(recorded)}, but this run reads "
-            f"{describe_data(current)}")
-    if not args.allow_data_change:
-        raise cli.UserError(f"{text}; pass the same data, or --allow-data-change to continue on the new data")
-    print(f"note: {text}; continuing on the new data (--allow-data-change)", file=sys.stderr)
-
-
-def find_latest_readable(args):
-    """--resume auto: the newest checkpoint that loads, falling back past truncated ones."""
-    for experiment in reversed(experiment_dirs(args)):
-        skipped = []
-        for path in reversed(checkpoints_in(experiment)):
-            try:
-                ckpt = checkpoint.load_train(path)
-            except cli.UserError as e:
-                print(f"warning: skipping {path}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
-                skipped.append(path)
-                continue
-            note = f"newer checkpoint(s) could not be read: {', '.join(skipped)}" if skipped else ""
-            return Resume(path, ckpt, None if skipped else experiment, note)
-    return Resume()
-
-
-def step_of(path):
-    return int(os.path.basename(path)[:7])
-
-
-def make_logger(experiment_dir, rank):
-    logger = logging.getLogger("dit.train")
-    logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        log_file = logging.FileHandler(os.path.join(experiment_dir, "log.txt"))
-        for handler in (logging.StreamHandler(sys.stdout), log_file):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
 
 
 # ------------------------------------------------------------------ setting up
@@ -516,7 +375,7 @@ def build_state(run, init=None):
                                 **process_model_args(args.diffusion_args))
     model = checkpoint.build_model(model_args)
     if init is not None:
-        start_from(model, init, args)
+        finetune.start_from(model, init, args)
     model = model.to(run.device)
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -595,8 +454,8 @@ def open_experiment(run, resume, state):
                   f"nothing written; raise {limit.split()[0]} to train on", file=sys.stderr)
         raise SystemExit(0)  # on every rank alike: each restored the same checkpoint
     if run.rank == 0:
-        folder = resume.experiment_dir or new_experiment_dir(args)
-        lock_experiment(folder)
+        folder = resume.experiment_dir or runs.new_experiment_dir(args)
+        runs.lock_experiment(folder)
         os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
         # Where this run and the one it continues save: a kill during a save leaves a temp file there.
         resumed_from = os.path.dirname(os.path.abspath(resume.path)) if resume.path else None
@@ -605,7 +464,7 @@ def open_experiment(run, resume, state):
             for path in files.remove_stale_temp_files(checkpoints):
                 print(f"removed {path}, left by a checkpoint save that was cut off", file=sys.stderr)
     run.experiment_dir = distributed.broadcast(folder if run.rank == 0 else None)
-    run.logger = make_logger(run.experiment_dir, run.rank)
+    run.logger = runs.make_logger(run.experiment_dir, run.rank)
     if run.rank == 0:
         run.metrics_log = metrics.MetricsLog(run.experiment_dir, args.logger, run_name=os.path.basename(
             run.experiment_dir), config=vars(args), wandb_project=args.wandb_project)
@@ -613,67 +472,9 @@ def open_experiment(run, resume, state):
             run.metrics_log.truncate_after(state.train_steps)
 
 
-LOCK_FILE = "run.lock"
-
-
-def lock_experiment(folder):
-    """Take the experiment folder for this process (rank 0), so that two runs (two `--resume auto`)
-    never write into one folder: an exclusive lock file holding the owner's host and pid, removed at
-    exit. A lock whose process has ended on this host (killed: nothing removed it) is taken over,
-    saying so; one held by a live process, or by another host, is refused in one line."""
-    path = os.path.join(folder, LOCK_FILE)
-    mine = f"{socket.gethostname()} {os.getpid()}\n"
-    for attempt in itertools.count():
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = read_lock(path)
-            if owner is None:  # gone meanwhile, or just created and not yet written: look again shortly
-                if attempt > 20 and os.path.exists(path):  # its writer died between the two
-                    print(f"taking over {path}: it names no process", file=sys.stderr)
-                    os.remove(path)
-                time.sleep(0.1)
-                continue
-            host, pid = owner
-            if host == socket.gethostname() and pid == os.getpid():
-                os.remove(path)  # an earlier run of this process (train.main called again from Python)
-                continue
-            if host == socket.gethostname() and not download.process_alive(pid):
-                print(f"taking over {path}: its run (pid {pid} on this host) has ended without removing it",
-                      file=sys.stderr)
-                os.remove(path)
-                continue
-            where = "on this host" if host == socket.gethostname() else f"on host {host}"
-            raise cli.UserError(f"{folder} is in use by another training run (pid {pid} {where}, lock file {path}); "
-                                f"wait for it to finish, or delete the lock file if that run is gone")
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
-        atexit.register(release_lock, path, mine)
-        return path
-
-
-def read_lock(path):
-    """(host, pid) of a lock file, None when it is gone or not yet written."""
-    try:
-        with open(path) as f:
-            host, pid = f.read().split()
-        return host, int(pid)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def release_lock(path, mine):
-    try:
-        with open(path) as f:
-            if f.read() == mine:
-                os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def log_start(run, state, dataset, steps_per_epoch, resume):
     args, logger = run.args, run.logger
-    args.data_identity = data_identity(args, dataset)  # saved with every checkpoint (rank 0 writes them)
+    args.data_identity = runs.data_identity(args, dataset)  # saved with every checkpoint (rank 0 writes them)
     logger.info(f"Experiment directory: {run.experiment_dir}")
     logger.info(f"{args.model}: {sum(p.numel() for p in state.model.parameters()):,} parameters; input "
                 f"{input_text(args)}x{args.in_channels}; "
@@ -688,91 +489,6 @@ def log_start(run, state, dataset, steps_per_epoch, resume):
 
 
 # ------------------------------------------------------------------ fine-tuning: --init-from
-# The model fields a fine-tuning run may change: the class table is rebuilt (remap_class_rows) and a
-# sincos position table recomputed for the new grid; any other field would be another network.
-FINE_TUNE_FIELDS = ("num_classes", "input_size")
-CLASS_TABLES = ("y_embedder.embedding_table.weight", "class_tokens.embedding_table.weight")  # mm-dit's too
-
-
-def load_init(run):
-    """--init-from as a checkpoint.Loaded with its model_args (None without the flag). Rank 0 reads
-    it first (a released name is downloaded once), the other ranks after it."""
-    source = run.args.init_from
-    if not source:
-        return None
-    init = checkpoint.load(source) if run.rank == 0 else None
-    distributed.barrier()
-    init = init or checkpoint.load(source)
-    init.model_args = init.model_args or checkpoint.model_args_from_state_dict(init.state_dict)
-    if init.model_args is None:
-        raise cli.UserError(f"--init-from {source!r} records no model configuration and its shapes match no named "
-                            f"config; pass a train.py checkpoint or a .safetensors export")
-    return init
-
-
-def init_settings(args, init):
-    """--init-from's record as take_model_settings and run_diffusion_args read a checkpoint's: its
-    model_args (with --num-classes when given), its process, and its image size and VAE (a bare
-    state_dict's image size from its position table, as a latent-space model's)."""
-    model_args = dict(init.model_args)
-    if args.num_classes is not None:
-        class_mapping(args.class_map, model_args["num_classes"], args.num_classes)  # a bad file: refused now
-        model_args["num_classes"] = args.num_classes
-    saved = dict(init.settings)
-    if saved.get("image_size") is None and saved.get("vae") != "none":
-        height, width = cli.height_width(model_args["input_size"])
-        saved["image_size"] = cli.size_value(height * vae_lib.DOWNSAMPLE, width * vae_lib.DOWNSAMPLE)
-    return {"model_args": model_args, "args": saved, "diffusion_args": init.diffusion_args}
-
-
-def class_mapping(path, old, new):
-    """{new class: old class}: --class-map's JSON, else identity for the first min(old, new) classes."""
-    if path is None:
-        return {i: i for i in range(min(old, new))}
-    try:
-        with open(path) as f:
-            mapping = {int(new_class): int(old_class) for new_class, old_class in json.load(f).items()}
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise cli.UserError(f"--class-map {path!r} is not a readable JSON object of new class -> old class, such as "
-                            f"{{\"0\": 2, \"1\": 0}} ({str(e).splitlines()[0][:100]}); fix the file") from None
-    for new_class, old_class in mapping.items():
-        if not (0 <= new_class < new and 0 <= old_class < old):
-            raise cli.UserError(f"--class-map {path!r} maps new class {new_class} to old class {old_class}, but the "
-                                f"new classes are 0..{new - 1} and the --init-from checkpoint's 0..{old - 1}; fix it")
-    return mapping
-
-
-def remap_class_rows(table, old, new, mapping, has_null):
-    """A class table (one row per class, then the null row when there is one) for `new` classes from
-    one for `old`: new class i copies old row mapping[i]; the others start at the mean of the old
-    class rows (the null row when there are none: an unconditional model); the null row is kept."""
-    start = table[:old].mean(0) if old else table[old]
-    rows = start.expand(new + has_null, -1).clone()
-    for new_class, old_class in mapping.items():
-        rows[new_class] = table[old_class]
-    if has_null:
-        rows[new] = table[old]
-    return rows
-
-
-def start_from(model, init, args):
-    """Load --init-from's weights into a newly built model whose fields may differ only in
-    FINE_TUNE_FIELDS (else one line naming the field)."""
-    theirs, ours = init.model_args, model.model_args
-    fixed = {k: v for k, v in theirs.items() if k not in FINE_TUNE_FIELDS}
-    if any(ours.get(k) != v for k, v in fixed.items()):
-        raise cli.UserError(f"--init-from {args.init_from} holds {DiTConfig(**theirs).describe()}, which cannot carry "
-                            f"over to the {model.config.describe()} this run builds ({differences(fixed, ours)}); "
-                            f"drop the flags that differ (only --num-classes and --image-size may)")
-    weights = dict(init.state_dict)
-    old, new, has_null = theirs["num_classes"], ours["num_classes"], model.y_embedder.dropout_prob > 0
-    mapping = class_mapping(args.class_map, old, new)
-    for name in CLASS_TABLES:
-        if name in weights:
-            weights[name] = remap_class_rows(weights[name], old, new, mapping, has_null)
-    if "pos_embed" in weights and cli.height_width(theirs["input_size"]) != cli.height_width(ours["input_size"]):
-        weights["pos_embed"] = model.pos_embed.detach().clone()  # built for this run's grid (fixed sincos)
-    load_weights(model, weights, f"--init-from {args.init_from}")
 
 
 # ------------------------------------------------------------------ one step
@@ -965,7 +681,7 @@ def save_checkpoint(run, state, steps_per_epoch):
                                                run.args.diffusion_args, progress), path)
         run.logger.info(f"Saved checkpoint to {path}")
         if run.args.keep_last > 0:  # only this run's folder: a resume from an earlier step gets a new one
-            for old in checkpoints_in(run.experiment_dir)[:-run.args.keep_last]:
+            for old in runs.checkpoints_in(run.experiment_dir)[:-run.args.keep_last]:
                 os.remove(old)
     state.last_ckpt = path
     distributed.barrier()
@@ -1047,7 +763,7 @@ def main(argv=None):
     try:
         run = Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size))
         resume = start_resume(run)
-        init = load_init(run)  # --init-from: the weights a new run starts from (None without it)
+        init = finetune.load_init(run)  # --init-from: the weights a new run starts from (None without it)
         apply_checkpoint_settings(args, resume.ckpt, init)
         train(run, resume, init)
     finally:
@@ -1061,7 +777,7 @@ def apply_checkpoint_settings(args, ckpt, init=None):
     which the process flags --objective, --t-sampling, ... may only repeat), then the sizes they
     give. The one place for every setting a checkpoint decides."""
     if ckpt is None and init is not None:
-        ckpt = init_settings(args, init)
+        ckpt = finetune.init_settings(args, init)
         take_model_settings(args, ckpt, "fine-tuning keeps its model; only --num-classes and --image-size may differ")
     else:
         take_model_settings(args, ckpt)
@@ -1125,10 +841,10 @@ def train(run, resume, init=None):
 
 def start_resume(run):
     """Rank 0 picks the checkpoint and folder; the others load the same checkpoint."""
-    resume = find_resume(run.args) if run.rank == 0 else Resume()
+    resume = runs.find_resume(run.args) if run.rank == 0 else runs.Resume()
     path, folder, note = distributed.broadcast((resume.path, resume.experiment_dir, resume.note))
     if run.rank != 0 and path:
-        resume = Resume(path, checkpoint.load_train(path), folder, note)
+        resume = runs.Resume(path, checkpoint.load_train(path), folder, note)
     return resume
 
 

@@ -17,6 +17,8 @@ from PIL import Image
 
 import cli
 import data
+import finetune
+import runs
 import train
 from conftest import (EXPERIMENT, MODEL, ROOT, STEPS, checkpoint, metrics, pixel_args, run_main, subprocess_env,
                       torchrun, write_images)
@@ -415,7 +417,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(pixels, tmp_path, capsys
 
 def test_a_second_run_cannot_take_a_locked_folder(pixels, tmp_path, capsys):
     assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2)) is None
-    lock = tmp_path / EXPERIMENT / train.LOCK_FILE
+    lock = tmp_path / EXPERIMENT / runs.LOCK_FILE
     host = __import__("socket").gethostname()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -691,7 +693,7 @@ def test_init_from_rebuilds_mm_dit_class_tokens_too():
     init = types.SimpleNamespace(model_args=source.model_args, state_dict=tiny_dit.random_state_dict(
         0, input_size=8, in_channels=1, num_classes=3, block="mm-dit", context_tokens=2))
     model = tiny_dit.tiny(input_size=8, in_channels=1, num_classes=2, block="mm-dit", context_tokens=2)
-    train.start_from(model, init, argparse.Namespace(init_from="source.pt", class_map=None))
-    for name in train.CLASS_TABLES:
+    finetune.start_from(model, init, argparse.Namespace(init_from="source.pt", class_map=None))
+    for name in finetune.CLASS_TABLES:
         old, new = init.state_dict[name], model.state_dict()[name]
         assert torch.equal(new, torch.stack([old[0], old[1], old[3]])), name  # classes 0 and 1, then the null row
