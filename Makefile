@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # DNNL_MAX_CPU_ISA caps that set, so every machine can rerun the tests that compare against the
 # reference data (tests/golden) with the kernels of an older and of a newer CPU: a tolerance that
 # holds on one machine only fails here. (A cap above what the CPU has changes nothing.)
-NUMERICAL_TESTS := tests/test_models.py tests/test_diffusion.py tests/test_sample.py
+NUMERICAL_TESTS := tests/test_models.py tests/test_diffusion.py tests/test_sample.py tests/test_sampling.py
 ISAS := SSE41 AVX512_CORE
 ISA_TESTS := $(ISAS:%=test-isa-%)
 

@@ -150,7 +150,8 @@ def build(args, name, device):
 def train_speed(args, state, device):
     """Images/s of train.train_step, and the peak memory (GiB) over it."""
     run = types.SimpleNamespace(args=argparse.Namespace(precision=args.precision, max_grad_norm=None,
-                                                        ema_decay=0.9999), device=device)
+                                                        ema_decay=0.9999, grad_accum_steps=1),
+                                device=device, world_size=1)
     diffusion = create_process(dict(checkpoint.DEFAULT_DIFFUSION_ARGS))
     b, latent = args.batch_size, args.image_size // 8
     pin = device.type == "cuda"
@@ -167,7 +168,7 @@ def train_speed(args, state, device):
         x = host[step % 2].to(device, non_blocking=True)
         y = labels.to(device, non_blocking=True)
         t = diffusion.training_times(b, device=device)
-        train.train_step(run, state, diffusion, (x, t, dict(y=y), torch.randn_like(x)))
+        train.train_step(run, state, diffusion, [(x, t, dict(y=y), torch.randn_like(x))])
     sync(device)
     seconds = time.perf_counter() - start
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \

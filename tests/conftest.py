@@ -16,9 +16,12 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+import checkpoint as checkpoints  # noqa: E402  (the module; checkpoint() below reads a run's checkpoint)
 import cli  # noqa: E402  (after the path is set)
 from models import DiT  # noqa: E402
 import tiny_dit  # noqa: E402
+from tiny_dit import tiny  # noqa: E402
+import tiny_vae  # noqa: E402
 import train  # noqa: E402
 
 
@@ -138,3 +141,108 @@ def metrics(results_dir):
         return [json.loads(line) for line in f]
 
 
+# ------------------------------------------------------------------ shared by several test files
+BLOCK_TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("pixels"))
+
+
+@pytest.fixture(scope="module")
+def latent_ckpt(tmp_path_factory):
+    """A train.py checkpoint of a 4-channel, learned-sigma tiny DiT on 8x8 latents (64 px)."""
+    path = tmp_path_factory.mktemp("latent") / "tiny.pt"
+    tiny_dit.write_checkpoint(path, image_size=64, num_classes=1000)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    return tiny_vae.save_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory, latent_ckpt, vae_folder):
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    checkpoints.export_diffusers(latent_ckpt, out, vae_path=vae_folder)
+    return str(out)
+
+
+def one_error_line(function, *args):
+    """The message of the UserError function(*args) raises, checked to be one line (cli.run prints it)."""
+    with pytest.raises(cli.UserError) as e:
+        function(*args)
+    assert len(str(e.value).strip().splitlines()) == 1, str(e.value)
+    return str(e.value)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+
+
+FLOW_ARGS = {"objective": "flow", "t_sampling": "uniform"}
+
+
+@pytest.fixture(scope="module")
+def random_flow_ckpt(tmp_path_factory):
+    """A train.py-style checkpoint of a random tiny flow model (no training)."""
+    path = tmp_path_factory.mktemp("flow") / "flow.pt"
+    ckpt = tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1, num_classes=10)
+    ckpt["diffusion_args"] = dict(FLOW_ARGS)
+    torch.save(ckpt, path)  # learn_sigma stays: the flow samplers read only the first C channels
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(pixels, tmp_path_factory):
+    """Four steps of each new objective through train.py; the checkpoints by objective."""
+    runs = {"v": ["--objective", "v"],
+            "flow": ["--objective", "flow", "--t-sampling", "logit-normal", "--t-scale", "0.8",
+                     "--sample-every", 4, "--num-sampling-steps", 2]}  # a grid with the flow's default sampler
+    paths = {}
+    for objective, flags in runs.items():
+        results = tmp_path_factory.mktemp(objective)
+        assert run_main(pixel_args(pixels, results, "--max-steps", 4, *flags)) is None
+        paths[objective] = os.path.join(results, EXPERIMENT, "checkpoints", "0000004.pt")
+    assert os.path.exists(os.path.join(os.path.dirname(os.path.dirname(paths["flow"])), "samples", "0000004.png"))
+    return paths
+
+
+def write_photos(folder, height, width, mode="L"):
+    """Non-square photos (not the target's shape), so the crop has work to do."""
+    return write_images(folder, per_class=4, classes=2, size=(height, width), mode=mode, seed=3)
+
+
+def train_pixels(photos, results, size, *extra):
+    argv = ["--model", MODEL, "--vae", "none", "--in-channels", "1", "--image-size", size, "--num-classes", "2",
+            "--data-path", str(photos), "--results-dir", str(results), "--global-batch-size", "4", "--max-steps", "2",
+            "--log-every", "1", "--ckpt-every", "100", "--cpu-threads", "1", *extra]
+    assert run_main(argv) is None
+    return os.path.join(results, EXPERIMENT, "checkpoints", "0000002.pt")
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    photos = write_photos(root / "photos", 12, 20)
+    return root, train_pixels(photos, root / "results", "8x16")
+
+
+def close(actual, expected):
+    atol = 1e-5 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
+
+
+def random_model(**kwargs):
+    """A tiny DiT whose every output depends on every weight (the release zero-initialises the last layers)."""
+    torch.manual_seed(0)
+    model = tiny(input_size=8, in_channels=4, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return model

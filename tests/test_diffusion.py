@@ -1,14 +1,26 @@
-"""diffusion/ against the reference outputs in tests/golden."""
+"""diffusion/: schedules, respacing, losses and sampling loops against the reference outputs in
+tests/golden; the flow integrators against known solutions; the v/eps/x0 conversions and losses
+against their formulas; DPM-Solver; the process record."""
+
 import json
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN, assert_close_to_golden
-from diffusion import create_diffusion, create_process
+import checkpoint
+import diffusion
+import sampling
+import tiny_dit
+from conftest import FLOW_ARGS, GOLDEN, assert_close_to_golden
+from diffusion import create_diffusion, create_process, flow
+from diffusion.dpm_solver import dpm_solver_sample_loop
 from diffusion.respace import space_timesteps
 from models import DiT
+
+tiny_dit.register()
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +228,226 @@ def test_training_times_are_the_releases_draw_and_flows_t():
     t = flow.training_times(16, torch.Generator().manual_seed(3))
     assert torch.equal(t, torch.rand(16, generator=torch.Generator().manual_seed(3)))
     assert (gaussian.learns_sigma, flow.learns_sigma) == (True, False)
+
+
+# ------------------------------------------------------------------ the integrators
+def decay(x, t):
+    """dx/dt = x cos t: x(0) = x(1) exp(sin 0 - sin 1)."""
+    return x * math.cos(float(t))
+
+
+def test_euler_is_exact_on_a_constant_velocity_field():
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    velocity = torch.randn_like(x)
+    out = flow.euler_sample(lambda x, t: velocity, x, 8)
+    torch.testing.assert_close(out, x - velocity, rtol=0, atol=1e-6)  # x(0) = x(1) - v, up to rounding
+
+
+def test_heun_is_second_order_and_euler_first():
+    x1 = torch.ones(1, dtype=torch.float64)
+    exact = math.exp(-math.sin(1.0))
+    for sample_loop, order in ((flow.heun_sample, 2), (flow.euler_sample, 1)):
+        errors = [abs(sample_loop(decay, x1, n).item() - exact) for n in (8, 16, 32)]
+        ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+        assert all(abs(r - 2 ** order) < 0.3 * order for r in ratios), (sample_loop.__name__, ratios)
+
+
+def test_heun_counts_two_evaluations_a_step_but_one_on_the_last():
+    calls = []
+    flow.heun_sample(lambda x, t: calls.append(t) or x, torch.ones(1), 5)
+    assert len(calls) == 2 * 5 - 1 and calls[0] == 1.0 and 0.0 not in calls
+
+
+def test_dopri5_reaches_the_known_solution_within_tolerance():
+    x1 = torch.full((2, 3), 2.0, dtype=torch.float64)
+    out = flow.dopri5_sample(decay, x1, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(out, x1 * math.exp(-math.sin(1.0)), rtol=1e-6, atol=0)
+
+
+def test_sde_with_zero_diffusion_equals_euler():
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def velocity(x, t):
+        return torch.tanh(x) * (1 + t)
+
+    sde = flow.sde_sample(velocity, x, 6, 0.0, noise=lambda: torch.randn_like(x))
+    assert torch.equal(sde, flow.euler_sample(velocity, x, 6))
+
+
+def gaussian_velocity(data_std):
+    """The exact velocity E[eps - x_0 | x_t] when x_0 ~ N(0, data_std^2)."""
+    def velocity(x, t):
+        t = float(t)
+        return (t - (1 - t) * data_std ** 2) / ((1 - t) ** 2 * data_std ** 2 + t ** 2) * x
+    return velocity
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "sde", "dopri5"])
+def test_each_flow_sampler_turns_noise_into_the_data_distribution(name):
+    """With the exact velocity of Gaussian data, every sampler lands on the data's spread
+    (the SDE too: a sign error in its score term would widen or collapse it)."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(20_000, dtype=torch.float64, generator=generator)
+    velocity = gaussian_velocity(0.5)
+    out = {"euler": lambda: flow.euler_sample(velocity, x, 200),
+           "heun": lambda: flow.heun_sample(velocity, x, 20),
+           "sde": lambda: flow.sde_sample(velocity, x, 200, 1.0, lambda: torch.randn(x.shape, dtype=x.dtype,
+                                                                                          generator=generator)),
+           "dopri5": lambda: flow.dopri5_sample(velocity, x, 1e-8, 1e-6)}[name]()
+    assert abs(out.std().item() - 0.5) < 0.02, out.std()
+
+
+# ------------------------------------------------------------------ conversions and losses
+def test_v_eps_x0_conversions_are_consistent():
+    diffusion = create_diffusion("", learn_sigma=False, predict_v=True)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(5, 2, 4, 4, generator=g), torch.randn(5, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 250, 700, 999])
+    x_t = diffusion.q_sample(x0, t, eps)
+    v = diffusion.velocity_target(x0, t, eps)
+    a = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)[t].sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, a * eps - (1 - a ** 2).sqrt() * x0)
+    torch.testing.assert_close(diffusion._predict_xstart_from_v(x_t, t, v), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diffusion._predict_eps_from_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diffusion._predict_eps_from_xstart(x_t, t, x0), eps, atol=1e-3, rtol=1e-3)
+    # A v model and an eps model that agree give the same reverse step.
+    eps_diffusion = create_diffusion("", learn_sigma=False)
+    for key in ("mean", "pred_xstart"):
+        torch.testing.assert_close(diffusion.p_mean_variance(lambda x, t: v, x_t, t, False)[key],
+                                   eps_diffusion.p_mean_variance(lambda x, t: eps, x_t, t, False)[key],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def toy_model(seen):
+    def model(x, t, y):
+        seen.append(t)
+        return torch.sin(3 * x) + 0.001 * t.view(-1, 1, 1, 1) + 0.1 * y.view(-1, 1, 1, 1)
+    return model
+
+
+def test_flow_loss_is_the_velocity_mse_with_t_times_1000():
+    g = torch.Generator().manual_seed(4)
+    x0, eps, y = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g), torch.arange(4)
+    t = torch.tensor([0.0, 0.25, 0.6, 1.0])
+    seen = []
+    terms = create_process(FLOW_ARGS).training_losses(toy_model(seen), x0, t, dict(y=y), noise=eps)
+    tt = t.view(-1, 1, 1, 1)
+    prediction = torch.sin(3 * ((1 - tt) * x0 + tt * eps)) + 0.001 * 1000 * tt + 0.1 * y.view(-1, 1, 1, 1)
+    torch.testing.assert_close(terms["loss"], ((eps - x0 - prediction) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(seen[0], t * 1000)
+
+
+def test_v_loss_is_the_mse_to_v():
+    g = torch.Generator().manual_seed(5)
+    x0, eps, y = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g), torch.arange(4)
+    t = torch.tensor([0, 10, 500, 999])
+    abar = torch.tensor(create_diffusion("").alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    model = toy_model([])
+    prediction = model(x_t, t, y)
+    fixed = create_process({"objective": "v", "learn_sigma": False})
+    terms = fixed.training_losses(model, x0, t, dict(y=y), noise=eps)
+    torch.testing.assert_close(terms["loss"], ((target - prediction) ** 2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    # With learned sigma (train.py's v), the same MSE plus the bound's variance term.
+    hybrid = create_process({"objective": "v", "learn_sigma": True})
+    terms = hybrid.training_losses(lambda x, t, y: torch.cat([model(x, t, y)] * 2, 1), x0, t, dict(y=y), noise=eps)
+    torch.testing.assert_close(terms["mse"], ((target - prediction) ** 2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+
+def test_logit_normal_times_follow_their_formula():
+    process = create_process({"objective": "flow", "t_sampling": "logit-normal", "t_mean": 0.5, "t_scale": 2.0})
+    t = process.training_times(5, torch.Generator().manual_seed(6))
+    n = torch.randn(5, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(t, torch.sigmoid(0.5 + 2.0 * n))
+
+
+# ------------------------------------------------------------------ the sampling wiring
+class GaussianDataModel:
+    """The exact eps (or v) prediction for data x_0 ~ N(0, std^2), as a class-conditional model."""
+    num_classes = 10
+
+    def __init__(self, target, std=0.5):
+        self.target, self.std = target, std
+        self.abar = torch.tensor(create_diffusion("").alphas_cumprod, dtype=torch.float32)
+
+    def __call__(self, x, t, y):
+        a = self.abar[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - a ** 2).sqrt()
+        x0 = a * self.std ** 2 / (a ** 2 * self.std ** 2 + s ** 2) * x
+        eps = (x - a * x0) / s
+        return eps if self.target == "eps" else a * eps - s * x0
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 10), ("dpm-solver", 10), ("ddpm", 10)])
+def test_a_v_model_samples_as_the_eps_model_it_equals(name, steps):
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    out = {}
+    for objective in ("eps", "v"):
+        sampler = sampling.make_sampler(name, steps, {"objective": objective, "learn_sigma": False})
+        step_noise = iter(torch.randn(steps, 4, 1, 4, 4, generator=torch.Generator().manual_seed(8)))
+        out[objective], _ = sampling.generate(GaussianDataModel(objective), sampler, [0, 1, 2, 3], 1.0, noise,
+                                              step_noise=lambda: next(step_noise))
+    torch.testing.assert_close(out["v"], out["eps"], atol=1e-4, rtol=1e-4)
+
+
+def test_run_diffusion_args_keeps_every_field_of_the_record():
+    """Fields no flag gives (learn_sigma, the schedule) come from the record, not the fresh run's
+    defaults; a flag given for such a field would be compared too."""
+    flags = SimpleNamespace(objective="v", t_sampling=None, t_mean=None, t_scale=None)
+    record = {"noise_schedule": "squaredcos_cap_v2", "diffusion_steps": 500, "learn_sigma": False, "objective": "v"}
+    assert diffusion.run_diffusion_args(flags, record) == record
+    assert diffusion.run_diffusion_args(flags, None) == {**checkpoint.DEFAULT_DIFFUSION_ARGS, "objective": "v"}
+    assert diffusion.process_model_args(record) == {"learn_sigma": False}
+    with pytest.raises(diffusion.ProcessError, match="--objective flow contradicts the checkpoint, trained with "
+                                                     "--objective v"):
+        diffusion.run_diffusion_args(SimpleNamespace(objective="flow"), record)
+    with pytest.raises(diffusion.ProcessError, match="--learn-sigma True contradicts the checkpoint, trained with "
+                                                     "--learn-sigma False"):
+        diffusion.run_diffusion_args(SimpleNamespace(objective=None, learn_sigma=True), record)
+
+
+def gaussian_eps_model(mu, std, channels=4, variance_junk=0.0):
+    """The exact noise prediction for data ~ N(mu, std^2): its probability-flow ODE has a closed form."""
+    alphas_cumprod = torch.tensor(create_diffusion("").alphas_cumprod, dtype=torch.float32)
+
+    def model(x, t):
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * std ** 2 + 1 - a)
+        return torch.cat([eps, torch.full_like(eps, variance_junk)], 1)
+
+    def exact(noise):
+        a = alphas_cumprod[-1]
+        return mu + std * (noise - a.sqrt() * mu) / (a * std ** 2 + 1 - a).sqrt()
+    return model, exact
+
+
+def test_dpm_solver_converges_to_the_exact_ode_solution_far_faster_than_ddim():
+    """Gaussian data: the exact ODE endpoint is known. A solver fed shifted timesteps or another
+    schedule's alphas misses it by 0.15 or more at 25 steps."""
+    model, exact = gaussian_eps_model(mu=0.5, std=0.5)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = exact(noise)
+    betas = sampling.make_sampler("dpm-solver", 25).diffusion.betas
+    solver_25 = (dpm_solver_sample_loop(model, noise, betas, 25) - target).abs().max()
+    solver_50 = (dpm_solver_sample_loop(model, noise, betas, 50) - target).abs().max()
+    ddim = sampling.make_sampler("ddim", 25).diffusion
+    ddim_25 = (ddim.ddim_sample_loop(model, noise.shape, noise, clip_denoised=False, device="cpu")
+               - target).abs().max()
+    assert solver_25 < 0.08 and solver_25 < ddim_25 / 3 and solver_50 < 0.01, (solver_25, solver_50, ddim_25)
+
+
+def test_dpm_solver_uses_all_noise_channels_and_ignores_the_variance_half():
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    betas = create_diffusion("").betas
+    model, _ = gaussian_eps_model(mu=0.2, std=0.5)
+    junk, _ = gaussian_eps_model(mu=0.2, std=0.5, variance_junk=1e3)
+    clean = dpm_solver_sample_loop(model, noise, betas, 10)
+    torch.testing.assert_close(dpm_solver_sample_loop(junk, noise, betas, 10), clean, rtol=0, atol=0)
+
+    def fourth_channel_off(x, t):  # a solver that read only three channels would not notice
+        out = model(x, t)
+        out[:, 3] = 0
+        return out
+    assert (dpm_solver_sample_loop(fourth_channel_off, noise, betas, 10) - clean)[:, 3].abs().max() > 0.1

@@ -1,5 +1,8 @@
-"""The demo's data and quality figure: real digits score high, noise scores at chance."""
+"""digits.py: the demo's data and quality figure (real digits score high, noise scores at chance),
+and the sampler and block-cache flags reaching `digits.py score`."""
+
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,6 +10,26 @@ from PIL import Image
 
 import cli
 import digits
+import sampling
+import tiny_dit
+from diffusion import samplers
+
+tiny_dit.register()
+
+
+def test_flags_reach_digits_score(pixel_ckpt, monkeypatch):
+    seen = {}
+
+    def fake_generate(ckpt, labels, **kwargs):
+        seen.update(kwargs)
+        return (np.zeros((len(labels), 8, 8, 1), np.uint8), SimpleNamespace(name="ddim", steps=4),
+                sampling.Stats(nfe=4))
+    monkeypatch.setattr(sampling, "generate_from_checkpoint", fake_generate)
+    monkeypatch.setattr(digits, "DigitScorer", lambda: SimpleNamespace(
+        score=lambda images, labels: {"accuracy": 0.0, "frechet_distance": 0.0}))
+    digits.main(["score", "--ckpt", pixel_ckpt, "--per-class", "1", "--cache-interval", "3", "--cache-start", "1",
+                 "--cache-above", "0.2"])
+    assert (seen["cache_interval"], seen["cache_start"], seen["cache_above"]) == (3, 1, 0.2)
 
 
 def test_prepare_writes_an_image_folder(tmp_path):
@@ -121,3 +144,11 @@ def test_score_refuses_a_checkpoint_of_other_images_before_sampling(tmp_path, ca
 
 def test_score_takes_an_8x8_pixel_checkpoint_on_to_sampling(pixel_ckpt):
     digits.check_digits_checkpoint(pixel_ckpt)  # no error: the classifier reads these samples
+
+
+def test_digits_score_picks_the_flow_sampler(trained, capsys, monkeypatch):
+    monkeypatch.setattr(digits, "DigitScorer", lambda: SimpleNamespace(
+        score=lambda images, labels: {"accuracy": 0.0, "frechet_distance": 0.0}))
+    monkeypatch.setattr(digits, "NUM_CLASSES", 3)
+    digits.main(["score", "--ckpt", trained["flow"], "--per-class", "1"])
+    assert capsys.readouterr().out.startswith(f"heun-{samplers.SAMPLERS['heun'].steps} cfg 4.0")

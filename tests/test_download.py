@@ -1,7 +1,7 @@
 """download.py: released weights from a loopback HTTP server (resume after a cut, restart when the
-server cannot resume, no network, a mirror's error page refused, partial files per process),
-train.py checkpoints, refusal of pickled code, and no import circle through download.py."""
-import ast
+server cannot resume, no network, a mirror's error page refused, partial files per process, one
+download per machine under torchrun) and refusal of pickled code."""
+
 import glob
 import hashlib
 import http.server
@@ -12,13 +12,18 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cli
 import download
-from conftest import ROOT
+import tiny_dit
+from conftest import subprocess_env, torchrun
+
+tiny_dit.register()
+
 
 NAME = "DiT-XL-2-256x256.pt"
 
@@ -165,20 +170,6 @@ def test_download_script_fetches_all_released_weights(serve, weights, capsys):
     assert capsys.readouterr().out.count("weights") == 2
 
 
-def test_train_checkpoint_yields_ema_weights_and_args(tmp_path):
-    import checkpoint
-
-    ema, model = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
-    torch.save({"model": model, "ema": ema, "opt": {}, "args": {"model": "DiT-S/2", "image_size": 256},
-                "train_steps": 5, "epoch": 0}, tmp_path / "ckpt.pt")
-    loaded = checkpoint.load(str(tmp_path / "ckpt.pt"))
-    assert torch.equal(loaded.state_dict["w"], ema["w"]) and loaded.settings["image_size"] == 256
-    # A checkpoint of the format before model_args: rebuilt from its stored --model and sizes.
-    built = checkpoint.model_args_for("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
-    assert loaded.model_args == checkpoint.complete_model_args(built)
-    assert torch.equal(download.find_model(str(tmp_path / "ckpt.pt"))["w"], ema["w"])
-
-
 class Payload:
     """Unpickling this calls os.mkdir(marker): it must never happen."""
 
@@ -315,46 +306,6 @@ def test_each_process_downloads_into_its_own_part_file(serve, weights):
     assert download._claim_partial(path, 60) and not os.path.exists(live)
 
 
-# ------------------------------------------------------------------ the import graph
-def project_imports():
-    """{module: the project modules it imports (and benchmarks/)} for the repository's top-level
-    modules and packages, counting imports anywhere in a file (in functions too: a lazy import still ties
-    two modules together)."""
-    files = {p.stem: [p] for p in ROOT.glob("*.py")}
-    files.update({p.parent.name: sorted(p.parent.rglob("*.py")) for p in ROOT.glob("*/__init__.py")})
-    graph = {}
-    for module, paths in files.items():
-        imported = set()
-        for node in (n for path in paths for n in ast.walk(ast.parse(path.read_text()))):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                imported.add(node.module.split(".")[0])
-        graph[module] = (imported & (set(files) | {"benchmarks"})) - {module}
-    return graph
-
-
-def modules_in_a_cycle(graph):
-    """The modules from which some chain of imports leads back to themselves."""
-    def reachable(start):
-        seen, todo = set(), list(graph[start])
-        while todo:
-            module = todo.pop()
-            if module not in seen:
-                seen.add(module)
-                todo += graph.get(module, ())
-        return seen
-    return {module for module in graph if module in reachable(module)}
-
-
-def test_no_module_imports_one_that_imports_it_back():
-    graph = project_imports()
-    assert {"checkpoint", "download", "interop", "flops", "ablate", "models", "cli"} <= set(graph)
-    assert "checkpoint" not in graph["download"] and "checkpoint" not in graph["interop"]
-    assert modules_in_a_cycle(graph) == set()
-    assert [module for module in graph if "benchmarks" in graph[module]] == []  # ablate.py imported its flops.py
-
-
 def test_a_failed_download_leaves_no_empty_folder_and_a_file_as_dir_is_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     with socket.socket() as s:  # a port with nobody listening
@@ -369,3 +320,61 @@ def test_a_failed_download_leaves_no_empty_folder_and_a_file_as_dir_is_one_line(
         cli.run(lambda: download.main([NAME, "--dir", str(tmp_path / "a-file")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--dir" in err and "is a file, not a folder" in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ part 1: one download per machine
+@pytest.fixture
+def file_server(tmp_path):
+    """A loopback server of the files in tmp_path/served, recording each request's path."""
+    served = tmp_path / "served"
+    served.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield SimpleNamespace(folder=served, url=f"http://127.0.0.1:{httpd.server_address[1]}", requests=requests)
+    httpd.shutdown()
+    httpd.server_close()
+
+
+LOAD_SCRIPT = """
+import os, sys
+import torch
+import checkpoint, distributed
+os.chdir(sys.argv[1])  # pretrained_models/ lands there
+rank, world_size, device = distributed.setup("cpu", timeout_min=2)
+distributed.barrier()
+with distributed.local_rank0_first():
+    loaded = checkpoint.load("DiT-XL-2-256x256.pt")
+torch.save(loaded.state_dict, f"rank{rank}.pt")
+distributed.barrier()
+distributed.cleanup()
+"""
+
+
+def test_two_processes_download_released_weights_once_and_both_load_them(tmp_path, file_server):
+    """Under torchrun, local rank 0 fetches while rank 1 waits at the barrier, then rank 1 finds the
+    file in place: the server sees one request and both ranks hold the weights."""
+    weights = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3)}
+    torch.save(weights, file_server.folder / "DiT-XL-2-256x256.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    torchrun(script, work, env={**subprocess_env(), download.MIRROR_ENV: file_server.url})
+    assert file_server.requests == ["/DiT-XL-2-256x256.pt"]
+    for rank in (0, 1):
+        loaded = torch.load(work / f"rank{rank}.pt", weights_only=True)
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert os.listdir(work / "pretrained_models") == ["DiT-XL-2-256x256.pt"]  # no .part file left

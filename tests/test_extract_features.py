@@ -6,6 +6,7 @@ its mirror image; an interrupted extraction resumes without redoing finished sha
 from the features gives the same losses and weights as encoding on the fly (same images,
 flips and noise); and two-process on-the-fly training matches one process.
 """
+
 import json
 import os
 import shutil
@@ -13,13 +14,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cli
 import data
 import extract_features
+import sample_ddp
+import tiny_dit
 import tiny_vae
 import vae as vae_lib
-from conftest import MODEL, checkpoint, metrics, run_main, torchrun, write_images
+from conftest import EXPERIMENT, MODEL, checkpoint, metrics, run_main, torchrun, write_images, write_photos
+
+tiny_dit.register()
+
 
 IMAGES = 12  # 3 classes x 4 images of 32x32 -> 4x4x4 latents; shards of 5 -> 5, 5, 2
 
@@ -194,3 +201,26 @@ def test_bad_extraction_flags_are_refused_before_the_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1
     assert "--feature-path" in err and "is a file, not a folder" in err
+
+
+# ------------------------------------------------------------------ end to end through the tiny VAE
+@pytest.mark.slow
+def test_latent_non_square_extract_train_sample(tmp_path):
+    photos = write_photos(tmp_path / "photos", 40, 50, mode="RGB")  # cropped to 16 high x 32 wide
+    vae_path = tiny_vae.save_tiny_vae(tmp_path / "vae")
+    features = tmp_path / "features"
+    extract_features.main(["--data-path", str(photos), "--feature-path", str(features), "--image-size", "16x32",
+                           "--vae-path", vae_path, "--num-workers", "0", "--dtype", "float32"])
+    meta = data.FeatureShards.read_meta(str(features))
+    assert meta["image_size"] == [16, 32] and meta["latent_shape"] == [4, 2, 4]
+
+    assert run_main(["--model", MODEL, "--feature-path", str(features), "--num-classes", "2", "--results-dir",
+                     str(tmp_path / "results"), "--global-batch-size", "4", "--max-steps", "2", "--log-every", "1",
+                     "--ckpt-every", "100", "--cpu-threads", "1"]) is None
+    ckpt = os.path.join(tmp_path, "results", EXPERIMENT, "checkpoints", "0000002.pt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["model_args"]["input_size"] == [2, 4] and saved["args"]["image_size"] == [16, 32]
+
+    npz = sample_ddp.main(["--ckpt", ckpt, "--device", "cpu", "--num-fid-samples", "3", "--per-proc-batch-size", "2",
+                           "--num-sampling-steps", "2", "--sample-dir", str(tmp_path / "samples")])
+    assert np.load(npz)["arr_0"].shape == (3, 16, 32, 3)

@@ -1,9 +1,10 @@
-"""sample.py and sampling.py: the original's image for the same seed, the samplers, guidance,
-the DPM-Solver wiring, and one-line errors for bad input."""
+"""sample.py: the original's image for the same seed, one-line errors for bad input, checkpoints
+from train.py (every block, the modern options, non-square, flow) sampled with no model flags, and
+the block-cache flags."""
+
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,15 +12,97 @@ import torch
 from PIL import Image
 
 import cli
+import diffusion
 import sample
 import sampling
 import tiny_dit
 import tiny_vae
-from conftest import ROOT
-from diffusion import create_diffusion, samplers
-from diffusion.dpm_solver import dpm_solver_sample_loop
+from conftest import EXPERIMENT, ROOT, pixel_args, run_main, train_pixels
+from diffusion import create_diffusion
 
 tiny_dit.register()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("block", ["adaLN", "cross-attention", "in-context", "mm-dit"])
+def test_checkpoint_rebuilds_the_block_in_sample_py(block, pixels, tmp_path):
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, "--block", block, "--context-tokens", 3)) is None
+    ckpt = os.path.join(tmp_path, EXPERIMENT, "checkpoints", "0000002.pt")
+    assert torch.load(ckpt, weights_only=True)["model_args"]["block"] == block
+    images = sample.main(["--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps", "2", "--output",
+                          str(tmp_path / "grid.png")])
+    assert images.shape == (3, 8, 8, 1)
+    args = sample.parse_args(["--ckpt", ckpt])
+    model, _ = sampling.load_model(args, torch.device("cpu"))
+    assert (model.config.block, model.model_args["context_tokens"]) == (block, 3)
+    # resuming keeps training the same variant; another --block is refused in one line
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, "--block", block, "--context-tokens", 3,
+                               "--resume", "auto")) is None
+    wrong = "adaLN-Zero"
+    with pytest.raises(cli.UserError, match=f"block {block}"):
+        sampling.load_model(sample.parse_args(["--ckpt", ckpt, "--block", wrong]), torch.device("cpu"))
+
+
+def test_flags_reach_sample_py(pixel_ckpt, tmp_path):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--sampler", "ddim", "--num-sampling-steps", "6",
+            "--class-labels", "1", "2", "--output", str(tmp_path / "grid.png")]
+    plain = sample.main(argv)
+    cached = sample.main(argv + ["--cache-interval", "2"])
+    again = sample.main(argv + ["--cache-interval", "2", "--cache-start", "0"])
+    assert (cached != plain).any()
+    np.testing.assert_array_equal(cached, again)
+
+
+def test_a_start_past_the_last_block_is_one_line(pixel_ckpt, tmp_path, capsys):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--sampler", "ddim", "--num-sampling-steps", "3",
+            "--cache-interval", "2", "--cache-start", "2", "--output", str(tmp_path / "grid.png")]
+    with pytest.raises(SystemExit):
+        cli.run(lambda: sample.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cache-start 2 leaves nothing to reuse") and "\n" not in err
+    with pytest.raises(SystemExit):
+        cli.run(lambda: sample.main(argv[:-4] + ["--cache-interval", "0", "--output", str(tmp_path / "g.png")]))
+    assert "--cache-interval: must be at least 1" in capsys.readouterr().err
+
+
+MODERN_FLAGS = ["--pos", "rope", "--rope-base", "100", "--qk-norm", "--mlp", "swiglu", "--norm", "rmsnorm"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_checkpoint_rebuilds_the_modern_model_in_sample_py(pixels, tmp_path):
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, *MODERN_FLAGS)) is None
+    ckpt = os.path.join(tmp_path, EXPERIMENT, "checkpoints", "0000002.pt")
+    recorded = torch.load(ckpt, weights_only=True)["model_args"]
+    assert {k: recorded[k] for k in ("pos", "rope_base", "qk_norm", "mlp", "norm")} == \
+        dict(pos="rope", rope_base=100.0, qk_norm=True, mlp="swiglu", norm="rmsnorm")
+    images = sample.main(["--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps", "2", "--output",
+                          str(tmp_path / "grid.png")])
+    assert images.shape == (3, 8, 8, 1)
+    model, _ = sampling.load_model(sample.parse_args(["--ckpt", ckpt]), torch.device("cpu"))
+    assert (model.config.pos, model.config.rope_base, model.model_args["qk_norm"]) == ("rope", 100.0, True)
+    # resuming keeps the options; a sampling flag that changes the weights is refused in one line
+    assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 3, *MODERN_FLAGS, "--resume", "auto")) is None
+    with pytest.raises(cli.UserError, match="qk-norm"):
+        sampling.load_model(sample.parse_args(["--ckpt", ckpt, "--no-qk-norm"]), torch.device("cpu"))
+    # flags that change no shapes would run the same weights as another network: refused too
+    for flags, words in ((["--norm", "layernorm"], "trained with --norm rmsnorm"),
+                         (["--rope-base", "10000"], "trained with --rope-base 100.0"),
+                         (["--pos", "none"], "trained with --pos rope")):
+        with pytest.raises(cli.UserError, match=words):
+            sampling.load_model(sample.parse_args(["--ckpt", ckpt, *flags]), torch.device("cpu"))
+    model, _ = sampling.load_model(sample.parse_args(["--ckpt", ckpt, "--norm", "rmsnorm"]), torch.device("cpu"))
+    assert model.model_args["norm"] == "rmsnorm"  # the checkpoint's own value is fine
+
+
+def test_a_sampler_that_does_not_fit_is_one_line(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sample.main(["--ckpt", trained["flow"], "--sampler", "ddim",
+                                     "--output", str(tmp_path / "x.png")]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and lines == ["error: --sampler ddim needs an eps or v checkpoint; this one was trained "
+                                           "with flow: use heun, euler, dopri5 or sde"]
+
+
 LABELS = [1, 2, 3, 4, 5, 6, 7, 0]
 
 
@@ -85,95 +168,6 @@ def test_sample_returns_images_and_saves_grid_and_singles(tmp_path, pixel_ckpt, 
     again = sample.main(["--ckpt", pixel_ckpt, "--sampler", sampler, "--num-sampling-steps", str(steps),
                          "--class-labels", "0 1 2 9", "--output", out, "--seed", "1"])
     np.testing.assert_array_equal(again, images)
-
-
-def loaded(ckpt):
-    args = SimpleNamespace(model=None, image_size=None, num_classes=None, vae=None, vae_path=None, ckpt=ckpt)
-    return sampling.load_model(args, torch.device("cpu"))
-
-
-def test_cfg_scale_one_runs_the_plain_conditional_model(pixel_ckpt):
-    model, settings = loaded(pixel_ckpt)
-    assert (settings.model, settings.image_size, settings.in_channels, settings.vae) == (
-        tiny_dit.TINY_MODEL, 8, 1, "none")
-    noise = torch.randn(3, 1, 8, 8)
-    labels = [4, 5, 6]
-    sampler = sampling.make_sampler("ddim", 5)
-    ours, _ = sampling.generate(model, sampler, labels, 1.0, noise)
-    direct = sampler.diffusion.ddim_sample_loop(model, noise.shape, noise, clip_denoised=False,
-                                                model_kwargs=dict(y=torch.tensor(labels)), device="cpu")
-    torch.testing.assert_close(ours, direct, rtol=0, atol=0)
-    guided, _ = sampling.generate(model, sampler, labels, 4.0, noise)
-    assert guided.shape == ours.shape and (guided - ours).abs().max() > 1e-3
-
-
-def test_seeded_ddpm_equals_the_ancestral_loop_for_the_same_noise(pixel_ckpt):
-    model, _ = loaded(pixel_ckpt)
-    noise = torch.randn(2, 1, 8, 8)
-    sampler = sampling.make_sampler("ddpm", 8)
-    torch.manual_seed(5)
-    reference, _ = sampling.generate(model, sampler, [3, 7], 1.0, noise)  # global RNG, as the original
-    torch.manual_seed(5)
-    seeded, _ = sampling.generate(model, sampler, [3, 7], 1.0, noise, step_noise=lambda: torch.randn(2, 1, 8, 8))
-    torch.testing.assert_close(seeded, reference, rtol=0, atol=1e-6)
-
-
-def test_generate_from_checkpoint_seeds_each_sample_by_its_index(pixel_ckpt):
-    labels = [3, 1, 4, 1]
-    images = sampling.generate_from_checkpoint(pixel_ckpt, labels, cfg_scale=2.0, sampler="ddpm",
-                                               num_sampling_steps=3, seed=7, batch_size=2)
-    assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 1)
-    first = sampling.generate_from_checkpoint(pixel_ckpt, labels[:2], cfg_scale=2.0, sampler="ddpm",
-                                              num_sampling_steps=3, seed=7, batch_size=2)
-    np.testing.assert_array_equal(first, images[:2])
-    other_seed = sampling.generate_from_checkpoint(pixel_ckpt, labels[:2], cfg_scale=2.0, sampler="ddpm",
-                                                   num_sampling_steps=3, seed=8, batch_size=2)
-    assert (other_seed != first).any()
-
-
-def gaussian_eps_model(mu, std, channels=4, variance_junk=0.0):
-    """The exact noise prediction for data ~ N(mu, std^2): its probability-flow ODE has a closed form."""
-    alphas_cumprod = torch.tensor(create_diffusion("").alphas_cumprod, dtype=torch.float32)
-
-    def model(x, t):
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * std ** 2 + 1 - a)
-        return torch.cat([eps, torch.full_like(eps, variance_junk)], 1)
-
-    def exact(noise):
-        a = alphas_cumprod[-1]
-        return mu + std * (noise - a.sqrt() * mu) / (a * std ** 2 + 1 - a).sqrt()
-    return model, exact
-
-
-def test_dpm_solver_converges_to_the_exact_ode_solution_far_faster_than_ddim():
-    """Gaussian data: the exact ODE endpoint is known. A solver fed shifted timesteps or another
-    schedule's alphas misses it by 0.15 or more at 25 steps."""
-    model, exact = gaussian_eps_model(mu=0.5, std=0.5)
-    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    target = exact(noise)
-    betas = sampling.make_sampler("dpm-solver", 25).diffusion.betas
-    solver_25 = (dpm_solver_sample_loop(model, noise, betas, 25) - target).abs().max()
-    solver_50 = (dpm_solver_sample_loop(model, noise, betas, 50) - target).abs().max()
-    ddim = sampling.make_sampler("ddim", 25).diffusion
-    ddim_25 = (ddim.ddim_sample_loop(model, noise.shape, noise, clip_denoised=False, device="cpu")
-               - target).abs().max()
-    assert solver_25 < 0.08 and solver_25 < ddim_25 / 3 and solver_50 < 0.01, (solver_25, solver_50, ddim_25)
-
-
-def test_dpm_solver_uses_all_noise_channels_and_ignores_the_variance_half():
-    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    betas = create_diffusion("").betas
-    model, _ = gaussian_eps_model(mu=0.2, std=0.5)
-    junk, _ = gaussian_eps_model(mu=0.2, std=0.5, variance_junk=1e3)
-    clean = dpm_solver_sample_loop(model, noise, betas, 10)
-    torch.testing.assert_close(dpm_solver_sample_loop(junk, noise, betas, 10), clean, rtol=0, atol=0)
-
-    def fourth_channel_off(x, t):  # a solver that read only three channels would not notice
-        out = model(x, t)
-        out[:, 3] = 0
-        return out
-    assert (dpm_solver_sample_loop(fourth_channel_off, noise, betas, 10) - clean)[:, 3].abs().max() > 0.1
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, pixel_ckpt, capsys):
@@ -256,31 +250,6 @@ def test_values_that_would_fail_after_sampling_are_refused_first(tmp_path, capsy
         assert text.replace("{file}", str(blocker)) in line, line
 
 
-def test_nonfinite_cfg_scale_is_refused_from_python_too():
-    for value in (float("nan"), float("inf"), float("-inf")):
-        with pytest.raises(cli.UserError, match="finite"):
-            sampling.check_cfg_scale(value)
-
-
-def test_a_sampler_is_one_entry_of_the_table(tmp_path, pixel_ckpt, monkeypatch):
-    """An entry added to diffusion/samplers.py's table is a --sampler choice of sample.py, runs
-    through generate with its own default steps, and counts its model evaluations."""
-    def one_step(process, job):  # x_0 from a single noise prediction at the noisiest timestep
-        t = torch.full((len(job.noise),), process.num_timesteps - 1, dtype=torch.long)
-        eps = job.model(job.noise, t, **job.model_kwargs)[:, :job.noise.shape[1]]
-        return process._predict_xstart_from_eps(job.noise, t, eps)
-    monkeypatch.setitem(samplers.SAMPLERS, "one-step", samplers.SamplerEntry(
-        "one-step", ("eps",), one_step, "a test's toy", steps=1, process=samplers._respaced("{}")))
-    sampler = sampling.make_sampler("one-step", None)
-    assert (sampler.name, sampler.steps, sampler.diffusion.num_timesteps) == ("one-step", 1, 1)
-    model, _ = loaded(pixel_ckpt)
-    latents, stats = sampling.generate(model, sampler, [1, 2], 3.0, torch.randn(2, 1, 8, 8))
-    assert latents.shape == (2, 1, 8, 8) and stats.nfe == 1
-    images = sample.main(["--ckpt", pixel_ckpt, "--sampler", "one-step", "--class-labels", "1 2",
-                          "--output", str(tmp_path / "x.png")])
-    assert images.shape == (2, 8, 8, 1) and images.std() > 0
-
-
 # ------------------------------------------------------------------ issue 24: faults
 def nan_checkpoint(tmp_path, pixel_ckpt, name="blocks.1.mlp.fc2.weight"):
     ckpt = torch.load(pixel_ckpt, weights_only=True)
@@ -357,3 +326,33 @@ def test_an_unresolvable_hub_host_is_one_line_without_asking_it(tmp_path, monkey
     monkeypatch.setattr(socket, "getaddrinfo", no_name_lookup)
     with pytest.raises(cli.UserError, match="no network: the hub's host .* does not resolve.*--vae-path"):
         vae_lib.load_vae("mse")
+
+
+def test_sample_py_needs_no_flags_for_a_non_square_checkpoint(pixel_run, tmp_path, capsys):
+    _, ckpt = pixel_run
+    images = sample.main(["--ckpt", ckpt, "--num-sampling-steps", "3", "--class-labels", "0", "1",
+                          "--output", str(tmp_path / "grid.png"), "--save-individual"])
+    assert images.shape == (2, 8, 16, 1)
+    assert Image.open(tmp_path / "grid-000.png").size == (16, 8)  # 8 high, 16 wide
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_sincos_model_at_another_size_warns_in_one_line(pixel_run, tmp_path, capsys):
+    _, ckpt = pixel_run
+    images = sample.main(["--ckpt", ckpt, "--image-size", "16x8", "--num-sampling-steps", "2", "--class-labels", "0",
+                          "--output", str(tmp_path / "x.png")])
+    assert images.shape == (1, 16, 8, 1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "8x16 px" in warnings[0] and "16x8 px" in warnings[0], warnings
+
+
+def test_rope_model_samples_at_other_sizes_without_warning(pixel_run, tmp_path, capsys):
+    root, _ = pixel_run
+    ckpt = train_pixels(root / "photos", tmp_path / "results", "8", "--pos", "rope")
+    assert torch.load(ckpt, weights_only=True)["model_args"]["pos"] == "rope"
+    capsys.readouterr()
+    for size, shape in (("8x16", (1, 8, 16, 1)), ("12", (1, 12, 12, 1))):
+        images = sample.main(["--ckpt", ckpt, "--image-size", size, "--num-sampling-steps", "2", "--class-labels",
+                              "1", "--output", str(tmp_path / "x.png")])
+        assert images.shape == shape and images.std() > 0
+    assert "warning" not in capsys.readouterr().err

@@ -1,5 +1,8 @@
 """sample_ddp.py: 1 and 2 processes (torchrun, gloo) write the same .npz, a resumed run completes
-the same set, labels are uniform or balanced, and a folder made with other settings is refused."""
+the same set, labels are uniform or balanced, and a folder made with other settings (sampler,
+block cache, int8, non-square) is refused."""
+
+import argparse
 import glob
 import hashlib
 import json
@@ -11,14 +14,80 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cli
+import data
+import distributed
 import sample_ddp
+import sampling
 import tiny_dit
 import tiny_vae
-from conftest import ROOT
+from conftest import ROOT, cuda_only
 
 tiny_dit.register()
+
+
+def test_flags_reach_sample_ddp_its_record_and_folder(pixel_ckpt, tmp_path, capsys):
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "3", "--per-proc-batch-size", "2",
+            "--sampler", "ddim", "--num-sampling-steps", "4", "--sample-dir", str(tmp_path)]
+    plain = sample_ddp.main(argv)
+    cached = sample_ddp.main(argv + ["--cache-interval", "2", "--cache-start", "1", "--cache-above", "0.1"])
+    assert cached != plain and cached.endswith("-cache-2-from-1-above-0.1.npz")
+    with open(cached[:-len(".npz")] + ".json") as f:
+        record = json.load(f)
+    assert (record["cache_interval"], record["cache_start"], record["cache_above"]) == (2, 1, 0.1)
+    assert (np.load(cached)["arr_0"] != np.load(plain)["arr_0"]).any()
+    os.remove(cached)  # resuming completes the set from the PNGs, with the same settings
+    assert sample_ddp.main(argv + ["--cache-interval", "2", "--cache-start", "1", "--cache-above", "0.1"]) == cached
+
+
+def test_sample_ddp_loads_model_and_decoder_local_rank_0_first(pixel_ckpt, tmp_path, monkeypatch):
+    inside, seen = [], []
+
+    class Recording:
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def recorded(function):
+        def call(*args, **kwargs):
+            seen.append((function.__name__, bool(inside)))
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(distributed, "local_rank0_first", Recording)
+    monkeypatch.setattr(sampling, "load_model", recorded(sampling.load_model))
+    monkeypatch.setattr(sampling, "load_decoder", recorded(sampling.load_decoder))
+    sample_ddp.main(["--ckpt", pixel_ckpt, "--sample-dir", str(tmp_path), "--num-fid-samples", "2",
+                     "--per-proc-batch-size", "2", "--num-sampling-steps", "2", "--device", "cpu"])
+    assert seen == [("load_model", True), ("load_decoder", True)]
+
+
+@cuda_only
+def test_on_cuda_sample_ddp_labels_are_the_cpus():
+    args = argparse.Namespace(global_seed=4, balanced_classes=False)
+    cpu_labels, _ = sample_ddp.labels_and_generators(args, 10, range(6), torch.device("cpu"))
+    cuda_labels, generators = sample_ddp.labels_and_generators(args, 10, range(6), torch.device("cuda"))
+    assert cuda_labels == cpu_labels and all(g.device.type == "cuda" for g in generators)
+
+
+def test_sample_ddp_records_the_flow_sampler_and_refuses_other_settings(random_flow_ckpt, tmp_path, capsys):
+    argv = ["--ckpt", random_flow_ckpt, "--device", "cpu", "--num-fid-samples", "3", "--per-proc-batch-size", "2",
+            "--sampler", "sde", "--num-sampling-steps", "3", "--sample-dir", str(tmp_path)]
+    npz = sample_ddp.main(argv)
+    with open(npz[:-len(".npz")] + ".json") as f:
+        record = json.load(f)
+    assert (record["sampler"], record["num_sampling_steps"], record["sde_diffusion"], record["atol"]) == (
+        "sde", 3, 1.0, None)
+    assert np.load(npz)["arr_0"].shape == (3, 8, 8, 3)
+    with pytest.raises(SystemExit):
+        cli.run(lambda: sample_ddp.main(argv + ["--sde-diffusion", "0.5"]))
+    assert "other settings" in capsys.readouterr().err
+
+
 LAUNCHER = str(ROOT / "tests" / "tiny_dit.py")
 SCRIPT = str(ROOT / "sample_ddp.py")
 COMMON = ["--device", "cpu", "--num-fid-samples", "7", "--per-proc-batch-size", "2", "--num-sampling-steps", "4"]
@@ -222,3 +291,38 @@ def test_samples_whose_noise_came_from_another_device_are_refused(tmp_path):
         with pytest.raises(cli.UserError, match="noise_device"):
             sample_ddp.check_same_settings(folder, {"model": "DiT-XL/2", "noise_device": "cuda"}, ("noise_device",))
     assert "noise_device" in sample_ddp.IMAGE_SETTINGS
+
+
+def test_sample_ddp_npz_is_n_by_h_by_w(pixel_run, tmp_path):
+    _, ckpt = pixel_run
+    npz = sample_ddp.main(["--ckpt", ckpt, "--device", "cpu", "--num-fid-samples", "5", "--per-proc-batch-size", "2",
+                           "--num-sampling-steps", "3", "--sample-dir", str(tmp_path)])
+    assert "-size-8x16-" in os.path.basename(npz)
+    arrays = np.load(npz)
+    assert arrays["arr_0"].shape == (5, 8, 16, 3) and arrays["arr_0"].dtype == np.uint8
+    assert arrays["arr_1"].shape == (5,)
+    # A restart into the same folder (the settings, with their [8, 16], read back from JSON) completes it.
+    os.remove(glob.glob(os.path.join(npz[:-len(".npz")], "000003.png"))[0])
+    assert np.load(sample_ddp.main(["--ckpt", ckpt, "--device", "cpu", "--num-fid-samples", "5",
+                                    "--per-proc-batch-size", "2", "--num-sampling-steps", "3",
+                                    "--sample-dir", str(tmp_path)]))["arr_0"].shape == (5, 8, 16, 3)
+
+
+def test_sample_ddp_keeps_int8_samples_apart(pixel_ckpt, tmp_path):
+    """int8 samples differ slightly from fp32's (this random model's saturate to the same pixels), so they get
+    their own folder and record."""
+    import numpy as np
+
+    import sample_ddp
+
+    argv = ["--ckpt", pixel_ckpt, "--device", "cpu", "--num-fid-samples", "2", "--per-proc-batch-size", "2",
+            "--num-sampling-steps", "3", "--sample-dir", str(tmp_path)]
+    plain, int8 = sample_ddp.main(argv), sample_ddp.main(argv + ["--quantize", "int8"])
+    assert int8 == plain[:-len(".npz")] + "-int8.npz"
+    cached = sample_ddp.main(argv + ["--quantize", "int8", "--cache-interval", "2"])  # int8 blocks reused
+    assert cached == plain[:-len(".npz")] + "-cache-2-from-0-int8.npz"
+    for path, quantize in ((plain, "none"), (int8, "int8")):
+        with open(path[:-len(".npz")] + ".json") as f:
+            assert json.load(f)["quantize"] == quantize
+    images = [np.load(path)["arr_0"].astype(np.float64) for path in (plain, int8)]
+    assert images[0].shape == images[1].shape and np.abs(images[0] - images[1]).mean() < 0.05 * 255

@@ -4,29 +4,334 @@ SIGKILL, the ADM crop and data handling, and one-line errors for bad input.
 A tiny named config (tests/tiny_dit.py, also used as a launcher for subprocesses) keeps every
 run to a few seconds; images are 8x8 greyscale in pixel space.
 """
+
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from PIL import Image
 
 import cli
 import data
+import diffusion
+import distributed
 import finetune
+import models
 import runs
+import sample
+import sampling
+import tiny_dit
 import train
-from conftest import (EXPERIMENT, MODEL, ROOT, STEPS, checkpoint, metrics, pixel_args, run_main, subprocess_env,
-                      torchrun, write_images)
+from conftest import (BLOCK_TINY, EXPERIMENT, FLOW_ARGS, MODEL, ROOT, STEPS, TINY, checkpoint, close, metrics,
+                      pixel_args, random_model, run_main, subprocess_env, torchrun, train_pixels, write_images)
+from diffusion import create_process, samplers
+from models import BLOCKS, DiT
+
+tiny_dit.register()
 
 
-@pytest.fixture(scope="module")
-def pixels(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("pixels"))
+@pytest.mark.usefixtures("one_thread")
+def test_every_block_is_a_training_flag_that_reaches_the_model():
+    """--block's choices and default come from models.DiTConfig: each parses and builds its block."""
+    for block in BLOCKS:
+        args = train.parse_args(["--data-path", "x", "--block", block])
+        assert cli.model_variant_args(args)["block"] == block and DiT(**BLOCK_TINY, block=block).config.block == block
+    assert train.apply_checkpoint_settings(train.parse_args(["--data-path", "x"]), None).block == "adaLN-Zero"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", "x", "--block", "adaLN-zero"])
+
+
+def test_train_passes_dist_timeout_min_default_30(monkeypatch, tmp_path):
+    seen = []
+
+    def record(device=None, timeout_min=None):
+        seen.append(timeout_min)
+        raise cli.UserError("stop before joining")
+
+    monkeypatch.setattr(distributed, "setup", record)
+    for extra, expected in (((), 30), (("--dist-timeout-min", "90"), 90)):
+        with pytest.raises(cli.UserError, match="stop"):
+            train.main(["--data-path", str(tmp_path), "--results-dir", str(tmp_path / "r"), *extra])
+        assert seen[-1] == expected
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dist-timeout-min", "0"])
+
+
+# ------------------------------------------------------------------ part 3: the optimiser state's place
+def fused_resume_state():
+    """A CPU run's checkpoint (foreach AdamW, one step), and a State to restore it into on the meta
+    device (a stand-in for CUDA) with --compile, which picks the fused kernel."""
+    kwargs = dict(input_size=8, in_channels=1, num_classes=3)
+    model = tiny_dit.tiny(**kwargs)
+    opt = torch.optim.AdamW(model.parameters(), **train.adamw_kernel(torch.device("cpu")))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ckpt = {"model_args": dict(model.model_args), "model": model.state_dict(), "ema": model.state_dict(),
+            "opt": opt.state_dict(), "train_steps": 1}
+    on_meta = tiny_dit.tiny(**kwargs).to("meta")
+    args = argparse.Namespace(lr=1e-4, weight_decay=0.0, compile=True)
+    state = train.State(on_meta, tiny_dit.tiny(**kwargs).to("meta"),
+                        torch.optim.AdamW(on_meta.parameters(), **train.adamw_kernel(torch.device("meta"), True)),
+                        torch.amp.GradScaler("cpu", enabled=False))
+    return state, ckpt, args
+
+
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter")  # the weights themselves do not matter here
+def test_a_cpu_checkpoint_resumed_for_the_fused_kernel_has_its_state_where_the_kernel_reads_it():
+    state, ckpt, args = fused_resume_state()
+    train.restore(state, ckpt, "ckpt.pt", args, steps_per_epoch=10)
+    assert all(group["fused"] for group in state.opt.param_groups)
+    for param in state.model.parameters():
+        found = state.opt.state[param]
+        assert found["step"].device == param.device and found["step"].dtype == torch.float32
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert found[key].device == param.device and found[key].dtype == param.dtype
+        param.grad = torch.zeros_like(param)
+    state.opt.step()  # the fused kernel runs on the restored state
+    assert all(state.opt.state[p]["step"].device == p.device for p in state.model.parameters())
+
+
+def test_a_fused_checkpoint_resumed_for_foreach_keeps_step_on_the_cpu():
+    """The other way (a GPU run's checkpoint resumed on CPU without --compile): foreach reads step on
+    the CPU, as PyTorch's own loading leaves it."""
+    kwargs = dict(input_size=8, in_channels=1, num_classes=3)
+    model = tiny_dit.tiny(**kwargs)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    fresh = tiny_dit.tiny(**kwargs)
+    other = torch.optim.AdamW(fresh.parameters(), foreach=True)
+    other.load_state_dict(opt.state_dict())
+    other.param_groups[0].update(train.adamw_kernel(torch.device("cpu")))
+    train.place_optimizer_state(other)
+    assert all(other.state[p]["step"].device.type == "cpu" for p in fresh.parameters())
+    for p in fresh.parameters():
+        p.grad = torch.ones_like(p)
+    other.step()
+
+
+# ------------------------------------------------------------------ flags and checkpoints
+@pytest.mark.usefixtures("one_thread")
+def test_flags_are_the_constructor_arguments():
+    given = train.parse_args(["--data-path", "x", "--pos", "rope", "--mlp", "swiglu", "--norm", "rmsnorm", "--qk-norm",
+                              "--rope-base", "100", "--context-tokens", "2", "--block", "mm-dit"])
+    built = DiT(**TINY, **cli.model_variant_args(given)).model_args
+    assert {k: built[k] for k in cli.model_variant_args(given)} == dict(
+        pos="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True, rope_base=100.0, context_tokens=2, block="mm-dit")
+    defaults = cli.model_variant_args(train.apply_checkpoint_settings(train.parse_args(["--data-path", "x"]), None))
+    assert defaults  # every variant flag gets the release's value
+    assert DiT(**TINY, **defaults).model_args == DiT(**TINY).model_args  # training defaults: the release's
+    args = sample.parse_args(["--ckpt", "x.pt"])
+    assert cli.model_variant_args(args) == {}  # sampling keeps every option of the checkpoint
+    assert cli.model_variant_args(sample.parse_args(["--ckpt", "x.pt", "--no-qk-norm"])) == {"qk_norm": False}
+
+
+def test_each_objective_is_recorded_and_samples_from_the_checkpoint_alone(trained, tmp_path):
+    expected = {"v": ({"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True, "objective": "v"},
+                      True),
+                "flow": ({"objective": "flow", "t_sampling": "logit-normal", "t_mean": 0.0, "t_scale": 0.8}, False)}
+    for objective, path in trained.items():
+        ckpt = torch.load(path, weights_only=True)
+        assert (ckpt["diffusion_args"], ckpt["model_args"]["learn_sigma"]) == expected[objective]
+        images = sample.main(["--ckpt", path, "--output", str(tmp_path / f"{objective}.png")])
+        assert images.shape == (3, 8, 8, 1) and images.std() > 0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--sampler", "heun"], "--sampler heun needs a flow checkpoint; this one was trained with eps"),
+    (["--objective", "v", "--t-sampling", "uniform"], "--t-sampling only apply to --objective flow"),
+    (["--objective", "flow", "--t-mean", "1"], "add --t-sampling logit-normal"),
+    (["--objective", "flow", "--t-sampling", "logit-normal", "--t-scale", "0"], "--t-scale 0.0 must be positive"),
+])
+def test_train_refuses_objective_flags_that_do_not_fit_before_starting(pixels, tmp_path, flags, words, capsys):
+    err = run_main(pixel_args(pixels, tmp_path, "--max-steps", 1, *flags), capsys)
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / EXPERIMENT)
+
+
+# ------------------------------------------------------------------ resuming keeps the process
+def copy_with_process(path, folder, diffusion_args=None):
+    """The checkpoint at `path` copied into `folder` (outside any experiment folder), its recorded
+    process replaced by diffusion_args where given."""
+    ckpt = torch.load(path, weights_only=True)
+    if diffusion_args is not None:
+        ckpt["diffusion_args"] = diffusion_args
+    copy = os.path.join(folder, f"resume-{len(os.listdir(folder))}.pt")
+    torch.save(ckpt, copy)
+    return copy
+
+
+@pytest.mark.parametrize("objective", ["v", "flow"])
+def test_a_resume_without_process_flags_continues_the_checkpoints_process(trained, pixels, tmp_path, objective):
+    """--resume alone: the checkpoint's objective (and flow's logit-normal t) carry on, recorded
+    again; repeating the flags changes nothing, bit for bit."""
+    recorded = torch.load(trained[objective], weights_only=True)
+    repeated = {"v": ["--objective", "v"], "flow": ["--objective", "flow", "--t-sampling", "logit-normal",
+                                                    "--t-scale", "0.8"]}[objective]
+    ema = {}
+    for name, flags in (("alone", []), ("repeated", repeated)):
+        results = tmp_path / name
+        resume = copy_with_process(trained[objective], tmp_path)
+        assert run_main(pixel_args(pixels, results, "--max-steps", 5, "--resume", resume, *flags)) is None
+        ckpt = torch.load(os.path.join(results, EXPERIMENT, "checkpoints", "0000005.pt"), weights_only=True)
+        assert ckpt["diffusion_args"] == recorded["diffusion_args"] and ckpt["model_args"] == recorded["model_args"]
+        ema[name] = ckpt["ema"]
+    assert all(torch.equal(ema["alone"][k], ema["repeated"][k]) for k in ema["repeated"])
+
+
+@pytest.mark.parametrize("process, flags, words", [
+    ({"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}, ["--objective", "v"],
+     "--objective v contradicts the checkpoint, trained with --objective eps; drop --objective (a resume continues "
+     "the checkpoint's process)"),
+    ({"objective": "flow", "t_sampling": "uniform"}, ["--t-sampling", "logit-normal"],
+     "--t-sampling logit-normal contradicts the checkpoint, trained with --t-sampling uniform; drop --t-sampling"),
+    ({"objective": "flow", "t_sampling": "uniform"}, ["--t-mean", "0.5"],
+     "--t-mean 0.5 contradicts the checkpoint, trained with --objective flow --t-sampling uniform (no --t-mean)"),
+    (None, ["--objective", "flow", "--t-sampling", "logit-normal", "--t-scale", "1.0"],
+     "--t-scale 1.0 contradicts the checkpoint, trained with --t-scale 0.8; drop --t-scale"),
+])
+def test_a_resume_refuses_process_flags_that_contradict_the_checkpoint(trained, pixels, tmp_path, capsys, process,
+                                                                       flags, words):
+    """One line naming the flag, the checkpoint's value and the given one, before any folder is made."""
+    resume = copy_with_process(trained["flow" if process is None else "v"], tmp_path, process)
+    err = run_main(pixel_args(pixels, tmp_path / "results", "--max-steps", 5, "--resume", resume, *flags), capsys)
+    assert err is not None and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not os.path.exists(tmp_path / "results" / EXPERIMENT)
+
+
+# ------------------------------------------------------------------ eps as it was
+def run_args(world_size, rank, objective="eps"):
+    """(run, process) of a fresh run with --objective."""
+    args = train.parse_args(["--model", "DiT-S/2", "--data-path", "x", "--global-batch-size", "8",
+                             "--image-size", "8", "--vae", "none", "--objective", objective])
+    args.input_size, args.in_channels = 8, 3
+    train.apply_checkpoint_settings(args, None)
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=torch.device("cpu"))
+    return run, create_process(args.diffusion_args)
+
+
+def randomness(world_size, rank, objective, step):
+    run, process = run_args(world_size, rank, objective)
+    return train.step_randomness(run, step, 0.1, (3, 8, 8), process)
+
+
+def test_eps_draws_are_the_releases_and_every_objective_splits_over_processes():
+    flip, drop, t, latent_noise, noise = randomness(1, 0, "eps", 7)
+    gen = torch.Generator().manual_seed(train.step_seed(0, 7))
+    expected = [torch.rand(8, generator=gen) < 0.5, (torch.rand(8, generator=gen) < 0.1).long(),
+                torch.randint(0, 1000, (8,), generator=gen), torch.randn((8, 4, 8, 8), generator=gen),
+                torch.randn((8, 3, 8, 8), generator=gen)]
+    for ours, theirs in zip((flip, drop, t, latent_noise, noise), expected):
+        assert torch.equal(ours, theirs)
+    for objective in ("eps", "v", "flow"):
+        whole = randomness(1, 0, objective, 3)
+        halves = [randomness(2, rank, objective, 3) for rank in (0, 1)]
+        for i, draw in enumerate(whole):
+            assert torch.equal(draw[0::2], halves[0][i]) and torch.equal(draw[1::2], halves[1][i])
+    assert whole[2].dtype == torch.float32 and 0 <= whole[2].min() and whole[2].max() <= 1  # flow's t
+
+
+def test_eps_defaults_are_unchanged():
+    args = train.apply_checkpoint_settings(train.parse_args(["--model", "DiT-S/2", "--data-path", "x"]), None)
+    assert args.diffusion_args == {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
+    assert diffusion.process_model_args(args.diffusion_args) == {"learn_sigma": True}  # DiT's default
+    sampler = sampling.make_sampler(args.sampler, args.num_sampling_steps, args.diffusion_args,
+                                    **sampling.sampler_options(args))
+    assert (sampler.name, sampler.steps, sampler.objective, sampler.cfg_interval) == ("ddpm", 250, "eps", None)
+    assert not sampler.guide_all_channels  # the release's quirk: three channels guided
+    digits_sampler = sampling.make_sampler(None, None, None, default=("ddim", 50))
+    assert (digits_sampler.name, digits_sampler.steps) == ("ddim", 50)
+    flow_sampler = sampling.make_sampler(None, None, FLOW_ARGS, default=("ddim", 50))
+    assert (flow_sampler.name, flow_sampler.steps) == ("heun", samplers.SAMPLERS["heun"].steps)
+
+
+def test_non_square_checkpoint_records_its_size(pixel_run):
+    _, ckpt_path = pixel_run
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["model_args"]["input_size"] == [8, 16] and ckpt["args"]["image_size"] == [8, 16]
+
+
+def test_square_runs_record_what_they_always_did(pixel_run, tmp_path):
+    root, _ = pixel_run
+    ckpt = torch.load(train_pixels(root / "photos", tmp_path / "a", "8x8"), weights_only=True)
+    assert ckpt["args"]["image_size"] == 8 and ckpt["args"]["input_size"] == 8
+    assert ckpt["model_args"]["input_size"] == 8
+    same = torch.load(train_pixels(root / "photos", tmp_path / "b", "8"), weights_only=True)
+    for name, value in ckpt["ema"].items():
+        assert torch.equal(value, same["ema"][name]), name
+
+
+def adamw_steps(kernel):
+    model = random_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kernel)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return model.state_dict()
+
+
+def test_adamw_kernels_match_the_default_loop():
+    """Default CPU: foreach, bit for bit the loop; the fast mode's fused kernel within float32 rounding."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.adamw_kernel(cpu) == {"foreach": True, "fused": None}
+    assert train.adamw_kernel(cuda)["fused"] and train.adamw_kernel(cpu, fast=True)["fused"]
+    loop, foreach, fused = (adamw_steps(kernel) for kernel in ({}, train.adamw_kernel(cpu),
+                                                                 train.adamw_kernel(cpu, fast=True)))
+    for name in loop:
+        assert torch.equal(loop[name], foreach[name]), name
+        close(fused[name], loop[name])
+
+
+def test_ddp_over_gloo_uses_small_buckets_and_the_same_gradients(tmp_path):
+    """train.wrap_ddp: GLOO_BUCKET_MB buckets on CPU (a one-rank gloo group stands in for the ranks), and
+    the gradients, views of those buckets, equal the plain model's bit for bit."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(4)))  # 16 MB of gradients: several buckets
+    model = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(4)))
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 1024)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = train.wrap_ddp(SimpleNamespace(world_size=2, device=torch.device("cpu")), model)
+        assert ddp.bucket_bytes_cap == train.GLOO_BUCKET_MB * 1024 * 1024
+        ddp(x).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    plain(x).square().mean().backward()
+    for p, q in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    one_rank = SimpleNamespace(world_size=1, device=torch.device("cpu"))
+    assert train.wrap_ddp(one_rank, plain) is plain
+
+
+@pytest.mark.slow
+def test_train_compile_matches_the_default_run(tmp_path):
+    pixels = write_images(tmp_path / "pixels")
+    for flags, folder in (((), "plain"), (("--compile",), "fast")):
+        assert run_main(pixel_args(pixels, tmp_path / folder, "--max-steps", 2, *flags)) is None
+    ours, ref = checkpoint(tmp_path / "fast", 2), checkpoint(tmp_path / "plain", 2)
+    for key in ("model", "ema"):
+        for name in ref[key]:
+            close(ours[key][name], ref[key][name])
+    assert ref["opt"]["param_groups"][0]["foreach"] is True and ours["opt"]["param_groups"][0]["fused"] is True
 
 
 @pytest.fixture(scope="module")
@@ -167,30 +472,6 @@ def test_unreadable_and_non_image_files(tmp_path):
     broken = next(i for i, p in enumerate(lazy.paths) if p.endswith("broken.png"))
     image, label = lazy[broken]
     assert torch.equal(image, lazy[broken + 1][0]) and image.shape == (1, 8, 8)
-
-
-def test_adm_center_crop_matches_box_halving_and_centre():
-    rng = np.random.default_rng(1)
-    image = Image.fromarray(rng.integers(0, 256, (400, 600, 3), dtype=np.uint8))  # 600 wide, 400 high
-    out = data.adm_center_crop(image, 100)
-    # 400 -> 200 -> 100 by two box halvings (4x4 block means, up to rounding), then the centre 100 columns.
-    blocks = np.asarray(image, dtype=np.float64).reshape(100, 4, 150, 4, 3).mean(axis=(1, 3))
-    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), blocks[:, 25:125], atol=2)
-    small = data.adm_center_crop(Image.fromarray(rng.integers(0, 256, (50, 80), dtype=np.uint8)), 64)
-    assert small.size == (64, 64)  # upscaled by bicubic, then cropped
-
-
-def test_sampler_split_and_skip():
-    dataset = list(range(20))
-    full = list(data.ResumableSampler(dataset, 1, 0, seed=3))
-    halves = [list(data.ResumableSampler(dataset, 2, r, seed=3)) for r in range(2)]
-    for k in range(2):  # global batch k of 8 is the same set of images on one or two processes
-        assert sorted(halves[0][4 * k:4 * k + 4] + halves[1][4 * k:4 * k + 4]) == sorted(full[8 * k:8 * k + 8])
-    resumed = data.ResumableSampler(dataset, 2, 1, seed=3)
-    resumed.set_epoch(0, skip=4)
-    assert list(resumed) == halves[1][4:] and len(resumed) == 6
-    resumed.set_epoch(1)
-    assert list(resumed) != halves[1]  # a new permutation each epoch
 
 
 def test_eval_every_logs_fid(pixels, tmp_path, monkeypatch):

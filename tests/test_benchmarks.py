@@ -1,11 +1,14 @@
-"""benchmarks/bench_gpu.py without a GPU: the data-sheet peak found from the names torch gives real cards
-(exact chip names, the most specific form factor), and the precision chosen for cards without bf16."""
+"""benchmarks/ scripts without a GPU: bench_gpu.py's data-sheet peak found from the names torch gives
+real cards, the precision that follows the card, and its tiny CPU mode."""
+
+import json
+import subprocess
 import sys
 
 import pytest
 
 import cli
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402  (after the path is set)
@@ -59,3 +62,18 @@ def test_precision_follows_the_card(asked, device_type, capability, chosen):
 def test_bf16_asked_on_a_card_without_bf16_tensor_cores_is_refused():
     with pytest.raises(cli.UserError, match=r"compute capability 7\.0\) has no bf16 tensor cores.*--precision fp16"):
         bench_gpu.choose_precision("bf16", "cuda", (7, 0))
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_cpu_mode(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--device", "cpu", "--models", "DiT-S/8",
+                             "--steps", "2", "--batch-size", "2", "--sample-batch-size", "2", "--ddpm-steps", "3",
+                             "--dpm-steps", "5", "--json", str(out)], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "DiT-S/8" and row["train_images_per_sec"] > 0 and row["peak_memory_gib"] > 0
+    assert row["mfu"] > 0 and row["precision"] == "fp32" and not row["compile"]  # the CPU defaults
+    assert row["sample_images_per_sec"]["ddpm-3"] > 0 and row["sample_images_per_sec"]["dpm-solver-5"] > 0
+    assert "DiT-S/8" in result.stdout and "MFU" in result.stdout

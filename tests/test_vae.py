@@ -1,5 +1,6 @@
-"""--vae-tiling: diffusers' tiled VAE reaches the VAE in sample.py, sample_ddp.py and
-extract_features.py (and stays off by default), and a tiled decode is close to the untiled one.
+"""vae.py: where the VAE comes from, latent sampling, chunked decoding, its precision, and --vae-tiling
+(reaching the VAE in sample.py, sample_ddp.py and extract_features.py, off by default; a tiled
+decode close to the untiled one).
 
 How close: the tiny test VAE has random weights, so each tile's decoder sees zero padding and
 its own GroupNorm statistics where the full decode sees the neighbours; diffusers blends the
@@ -10,22 +11,95 @@ at most 1.25x the image's average there, 2 to 2.7x with the blending switched of
 allows 1.6x). That bounds tiling on this tiny VAE only: it says nothing about the trained
 Stable Diffusion VAE's seams, which no test here can download.
 """
+
+import argparse
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import cli
 import extract_features
 import sample
 import sample_ddp
 import tiny_dit
 import tiny_vae
+import train
 import vae as vae_lib
 from conftest import write_images
 
 tiny_dit.register()
+
+
+# ------------------------------------------------------------------ part 8: --vae-precision
+def test_vae_precision_reaches_the_encoder_and_fp32_is_todays(tmp_path):
+    vae = tiny_vae.make_tiny_vae()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flip = torch.tensor([False, True, False, True])
+    noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    latents = {}
+    for precision in ("fp32", "bf16"):
+        run = SimpleNamespace(device=torch.device("cpu"),
+                              args=argparse.Namespace(feature_path=None, vae_precision=precision))
+        latents[precision], _ = train.model_input(run, (images, torch.zeros(4, dtype=torch.long)), flip, noise, vae)
+    x = images.float() / 127.5 - 1
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    mean, std = vae.encode(x).latent_dist.mean, vae.encode(x).latent_dist.std
+    assert torch.equal(latents["fp32"], vae_lib.sample_latents(mean, std, noise=noise))  # the release's, exactly
+    error = (latents["bf16"] - latents["fp32"]).pow(2).mean().sqrt() / latents["fp32"].pow(2).mean().sqrt()
+    assert 0 < error < 0.05  # bf16's rounding (8 bits of mantissa), not another computation
+    assert train.parse_args([]).vae_precision == "fp32"
+
+
+def test_vae_source_hub_names_and_local_folders(tmp_path):
+    assert vae_lib.vae_source("ema") == "stabilityai/sd-vae-ft-ema"
+    assert vae_lib.vae_source("mse") == "stabilityai/sd-vae-ft-mse"
+    assert vae_lib.vae_source("mse", vae_path=str(tmp_path)) == str(tmp_path)  # --vae-path wins
+    assert vae_lib.vae_source("ema", vae_path="") == "stabilityai/sd-vae-ft-ema"  # an empty --vae-path is unset
+
+
+def test_vae_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--vae-path .* is not a folder"):
+        vae_lib.vae_source("ema", vae_path=str(tmp_path / "missing"))
+    a_file = tmp_path / "config.json"
+    a_file.write_text("{}")
+    for bad in ("none", "xl", str(a_file), str(tmp_path), None):  # a local folder goes to --vae-path
+        with pytest.raises(cli.UserError, match="is not one of ema, mse .*; pass a local diffusers folder with "
+                                                "--vae-path"):
+            vae_lib.vae_source(bad)
+
+
+def test_sample_latents_arithmetic():
+    mean = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    std = torch.tensor([[0.5, 1.0], [2.0, 0.0]])
+    noise = torch.tensor([[2.0, -1.0], [0.5, 7.0]])
+    expected = torch.tensor([[2.0, -3.0], [1.0, 3.0]]) * 0.18215
+    assert torch.allclose(vae_lib.sample_latents(mean, std, noise=noise), expected)
+    assert vae_lib.LATENT_SCALE == 0.18215
+
+
+def test_sample_latents_draws_from_the_generator():
+    mean, std = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
+    drawn = vae_lib.sample_latents(mean, std, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, (mean + std * noise) * vae_lib.LATENT_SCALE)
+    other = vae_lib.sample_latents(mean, std, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(drawn, other)
+
+
+def test_decode_in_chunks_equals_one_decode():
+    import tiny_vae
+
+    model = tiny_vae.make_tiny_vae()
+    latents = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = model.decode(latents / vae_lib.LATENT_SCALE).sample
+    chunked = vae_lib.decode(model, latents, chunk_size=2)  # chunks of 2, 2 and 1
+    assert chunked.shape == (5, 3, 32, 32) and chunked.dtype == torch.float32
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    assert torch.allclose(vae_lib.decode(model, latents, chunk_size=64), whole, atol=1e-5)
 
 
 @pytest.fixture

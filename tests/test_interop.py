@@ -1,42 +1,29 @@
-""".safetensors and diffusers checkpoints (checkpoint.py, interop.py): round trips that keep every
-weight and the training objective, the same numbers from diffusers' DiTTransformer2DModel /
-DiTPipeline as from our DiT (eps and v), a hub id served from an offline Hugging Face cache, and
-one-line errors."""
-import json
+"""interop.py: diffusers checkpoints: the diffusers transformer computes our DiT, an export samples in
+DiTPipeline as our DDIM does, the exported scheduler, and what DiTPipeline cannot hold is refused."""
+
 import os
-import subprocess
-import sys
 import types
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import checkpoint
 import cli
 import interop
-import sample
 import sampling
 import tiny_dit
 import tiny_vae
-import train
 import vae as vae_lib
-from conftest import ROOT
+from conftest import TINY, one_error_line
 from conftest import assert_close_to_golden as assert_close  # rtol 1e-4, atol 1e-5 x magnitude
 from diffusion import process_model_args, run_diffusion_args
+from models import DiT
 
 tiny_dit.register()
-HUB_ID = "facebook/DiT-XL-2-256"  # the released weights' diffusers copy, faked by a tiny pipeline
+
+
 NULL = 1000  # DiTPipeline's null label: the exported DiT has 1000 classes
-
-
-@pytest.fixture(scope="module")
-def latent_ckpt(tmp_path_factory):
-    """A train.py checkpoint of a 4-channel, learned-sigma tiny DiT on 8x8 latents (64 px)."""
-    path = tmp_path_factory.mktemp("latent") / "tiny.pt"
-    tiny_dit.write_checkpoint(path, image_size=64, num_classes=1000)
-    return str(path)
 
 
 def write_objective_checkpoint(path, objective, num_classes=1000):
@@ -53,75 +40,6 @@ def write_objective_checkpoint(path, objective, num_classes=1000):
 @pytest.fixture(scope="module")
 def v_ckpt(tmp_path_factory):
     return write_objective_checkpoint(tmp_path_factory.mktemp("v") / "v.pt", "v")
-
-
-@pytest.fixture(scope="module")
-def vae_folder(tmp_path_factory):
-    return tiny_vae.save_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
-
-
-@pytest.fixture(scope="module")
-def pipeline_folder(tmp_path_factory, latent_ckpt, vae_folder):
-    out = tmp_path_factory.mktemp("export") / "pipeline"
-    checkpoint.export_diffusers(latent_ckpt, out, vae_path=vae_folder)
-    return str(out)
-
-
-def one_error_line(function, *args):
-    """The message of the UserError function(*args) raises, checked to be one line (cli.run prints it)."""
-    with pytest.raises(cli.UserError) as e:
-        function(*args)
-    assert len(str(e.value).strip().splitlines()) == 1, str(e.value)
-    return str(e.value)
-
-
-# ------------------------------------------------------------------ safetensors
-def test_safetensors_round_trip_keeps_the_ema_weights_and_settings(tmp_path, latent_ckpt):
-    out = checkpoint.export_safetensors(latent_ckpt, tmp_path / "tiny.safetensors")
-    original, again = checkpoint.load(latent_ckpt), checkpoint.load(str(out))
-    ema = torch.load(latent_ckpt, weights_only=True)["ema"]
-    assert set(again.state_dict) == set(ema)
-    for name, value in ema.items():
-        assert torch.equal(again.state_dict[name], value), name
-    # format-1 checkpoints (as this one) record a named config's arguments: the file has them all
-    assert again.model_args == checkpoint.build_model(original.model_args).model_args
-    assert again.model_args["num_classes"] == 1000 and again.model_args["learn_sigma"] is True
-    assert again.diffusion_args == original.diffusion_args
-    assert again.settings == original.settings and again.settings["model"] == tiny_dit.TINY_MODEL
-
-
-def test_sample_py_draws_the_same_image_from_safetensors_as_from_the_pt(tmp_path):
-    pt = tmp_path / "pixel.pt"
-    tiny_dit.write_checkpoint(pt, image_size=8, vae="none", in_channels=1)
-    st = checkpoint.export_safetensors(str(pt), str(tmp_path / "pixel.safetensors"))
-    flags = ["--seed", "2", "--num-sampling-steps", "6", "--class-labels", "0 3 9", "--output"]
-    from_pt = sample.main(["--ckpt", str(pt), *flags, str(tmp_path / "a.png")])
-    from_st = sample.main(["--ckpt", st, *flags, str(tmp_path / "b.png")])
-    assert from_pt.shape == (3, 8, 8, 1) and from_pt.std() > 0
-    np.testing.assert_array_equal(from_st, from_pt)
-
-
-def test_bare_safetensors_state_dict_reads_its_config_off_the_shapes(tmp_path):
-    from safetensors.torch import save_file
-
-    weights = tiny_dit.random_state_dict(3, input_size=4, num_classes=10)
-    save_file(weights, tmp_path / "bare.safetensors")
-    loaded = checkpoint.load(str(tmp_path / "bare.safetensors"))
-    assert loaded.model_args == checkpoint.model_args_from_state_dict(weights)
-    assert (loaded.model_args["depth"], loaded.model_args["num_classes"]) == (2, 10)
-    assert all(torch.equal(loaded.state_dict[k], v) for k, v in weights.items())
-
-
-def test_unreadable_safetensors_give_one_line_errors(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"layer.weight": torch.ones(2)}, tmp_path / "other.safetensors")
-    assert "no DiT metadata" in one_error_line(checkpoint.load, str(tmp_path / "other.safetensors"))
-    save_file({"transformer_blocks.0.attn1.to_q.weight": torch.ones(2)}, tmp_path / "diffusers.safetensors")
-    assert "pass its folder" in one_error_line(checkpoint.load, str(tmp_path / "diffusers.safetensors"))
-    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    assert "not a readable .safetensors" in one_error_line(checkpoint.load, str(tmp_path / "corrupt.safetensors"))
-    assert ".safetensors" in one_error_line(checkpoint.export_safetensors, "any.pt", str(tmp_path / "x.st"))
 
 
 # ------------------------------------------------------------------ diffusers
@@ -277,89 +195,10 @@ def test_a_failed_export_leaves_no_folder(tmp_path, latent_ckpt, vae_folder, mon
     assert os.listdir(tmp_path) == []
 
 
-def test_command_line_export_picks_the_format_by_extension(tmp_path, latent_ckpt, vae_folder, capsys):
-    checkpoint.main(["export", latent_ckpt, str(tmp_path / "a.safetensors")])
-    checkpoint.main(["export", latent_ckpt, str(tmp_path / "folder"), "--vae-path", vae_folder])
-    assert "safetensors" in capsys.readouterr().out
-    assert os.path.isfile(tmp_path / "folder" / "transformer" / "config.json")
-    a, b = checkpoint.load(str(tmp_path / "a.safetensors")), checkpoint.load(str(tmp_path / "folder"))
-    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
-    assert "--vae-path" in one_error_line(checkpoint.main, ["export", latent_ckpt, str(tmp_path / "b.safetensors"),
-                                                            "--vae-path", vae_folder])
-
-
-def fake_hub(root, pipeline_folder):
-    """HUB_ID in a Hugging Face cache at root/hub holding the tiny pipeline, its transformer
-    config written as the hub's older Transformer2DModel one; returns the offline env."""
-    import shutil
-
-    repo = os.path.join(root, "hub", "models--" + HUB_ID.replace("/", "--"))
-    snapshot = os.path.join(repo, "snapshots", tiny_vae.COMMIT)
-    shutil.copytree(pipeline_folder, snapshot)
-    config_path = os.path.join(snapshot, "transformer", "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config.pop("norm_eps")
-    config.update(_class_name="Transformer2DModel", cross_attention_dim=None, use_linear_projection=False)
-    with open(config_path, "w") as f:
-        json.dump(config, f)
-    os.makedirs(os.path.join(repo, "refs"))
-    with open(os.path.join(repo, "refs", "main"), "w") as f:
-        f.write(tiny_vae.COMMIT)
-    env = {"HF_HOME": str(root), "HF_HUB_CACHE": os.path.join(root, "hub"), "HF_HUB_OFFLINE": "1",
-           "DIFFUSERS_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return {**os.environ, **env}
-
-
-def test_hub_id_from_an_offline_cache_samples_as_the_original(tmp_path, pipeline_folder, latent_ckpt, vae_folder):
-    """sample.py --ckpt facebook/DiT-XL-2-256 in a subprocess (offline cache) against the .pt
-    checkpoint it was exported from, decoded by the same VAE: the same PNG."""
-    env = fake_hub(tmp_path, pipeline_folder)
-    flags = ["--seed", "1", "--num-sampling-steps", "5", "--class-labels", "5 999", "--output"]
-    subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_dit.py"), str(ROOT / "sample.py"),
-                    "--ckpt", HUB_ID, *flags, str(tmp_path / "hub.png")], env=env, check=True, cwd=tmp_path)
-    from_pt = sample.main(["--ckpt", latent_ckpt, "--vae-path", vae_folder, *flags, str(tmp_path / "pt.png")])
-    from PIL import Image
-
-    assert from_pt.shape == (2, 64, 64, 3) and from_pt.std() > 1
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "hub.png")),
-                                  np.asarray(Image.open(tmp_path / "pt.png")))
-
-
-
-def test_a_hub_id_missing_from_the_offline_cache_is_one_line(tmp_path, monkeypatch, capsys):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # every request refused
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(SystemExit) as e:
-        cli.run(lambda: checkpoint.main(["export", "dit-tests/never-cached", str(tmp_path / "x.safetensors")]))
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert e.value.code == 2 and len(errors) == 1, errors
-    assert "dit-tests/never-cached" in errors[0] and "internet" in errors[0]
-
-
-def test_checkpoint_help_imports_no_torch():
-    """--help answers before the heavy imports (torch, models, diffusers: seconds)."""
-    probe = ("import runpy, sys; sys.argv = ['checkpoint.py', '--help']\n"
-             "try:\n    runpy.run_path('checkpoint.py', run_name='__main__')\n"
-             "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "usage: checkpoint.py" in done.stdout and done.stdout.strip().endswith("no torch"), done.stdout
-
-
-def test_a_folder_named_like_a_safetensors_file_is_called_a_folder(tmp_path):
-    (tmp_path / "dit.safetensors").mkdir()
-    with pytest.raises(IsADirectoryError, match="is a folder, not a file"):
-        checkpoint.load(str(tmp_path / "dit.safetensors"))
-
-
-def test_nan_weights_are_refused_in_every_format(tmp_path, latent_ckpt):
-    path = checkpoint.export_safetensors(latent_ckpt, tmp_path / "dit.safetensors")
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path)
-    tensors["final_layer.linear.bias"][0] = float("inf")
-    save_file(tensors, tmp_path / "bad.safetensors")
-    with pytest.raises(cli.UserError, match="NaN or infinite weights .first in final_layer.linear.bias"):
-        checkpoint.load(str(tmp_path / "bad.safetensors"))
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("option", [dict(pos="rope"), dict(qk_norm=True), dict(mlp="swiglu"), dict(norm="rmsnorm"),
+                                    dict(input_size=[8, 16])])
+def test_diffusers_export_refuses_what_dit_transformer_cannot_hold(option):
+    model_args = checkpoint.complete_model_args({**DiT(**TINY, input_size=8).model_args, **option})
+    with pytest.raises(cli.UserError, match="export it as .safetensors instead"):
+        interop.diffusers_config(model_args)
