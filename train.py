@@ -185,15 +185,16 @@ def check_sharding(args):
     """--fsdp: one line for each flag it does not combine with, before any work."""
     if not args.fsdp:
         return
-    refused = [("--sample-every", args.sample_every, "rank 0 alone samples the grids, from the whole EMA"),
-               ("--eval-every", args.eval_every, "FID samples from the whole EMA"),
-               ("--compile", args.compile, "the compiled blocks are not tested under FSDP"),
-               ("--precision fp16", args.precision == "fp16", "GradScaler is not tested on sharded gradients; "
-                                                              "use --precision bf16")]
-    for flag, given, why in refused:
+    sample_later = "sample or evaluate its checkpoints with sample.py / sample_ddp.py instead"
+    refused = [("--sample-every", args.sample_every, f"rank 0 alone samples its grids from the whole EMA; "
+                                                     f"{sample_later}"),
+               ("--eval-every", args.eval_every, f"its FID samples need the whole EMA; {sample_later}"),
+               # GradScaler finds inf/NaN in this rank's gradient shards alone: the ranks could skip different steps
+               ("--precision fp16", args.precision == "fp16", "fp16's loss scaler is not shard-aware; use "
+                                                              "--precision bf16")]
+    for flag, given, fix in refused:
         if given:
-            raise cli.UserError(f"--fsdp does not combine with {flag} ({why}); drop one of them (sample or "
-                                f"evaluate a --fsdp checkpoint with sample.py / sample_ddp.py)")
+            raise cli.UserError(f"--fsdp does not combine with {flag}: {fix}")
 
 
 def lr_at(args, step, horizon):
