@@ -14,7 +14,7 @@ import functools
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 # Saving: the whole tensors, on rank 0's CPU (the other ranks get empty dicts). Loading: every rank
 # holds the whole checkpoint (memory-mapped, checkpoint.load_train) and keeps its shard.
@@ -32,6 +32,10 @@ def shard(model):
     fully_shard(model)
     model.no_sync = functools.partial(_no_gradient_sync, model)
     return model
+
+
+def is_sharded(model):
+    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager

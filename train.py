@@ -569,7 +569,8 @@ def restore(state, ckpt, path, args, steps_per_epoch):
         raise cli.UserError(f"--resume {path} holds {theirs}, but this run builds {state.model.config.describe()} "
                             f"({differing}); drop --image-size / --vae / --in-channels (a resume takes the "
                             f"checkpoint's)")
-    if args.fsdp:  # the checkpoint is whole (any world size, with or without --fsdp): keep this rank's shard
+    if sharding.is_sharded(state.model):  # --fsdp: the checkpoint is whole (any world size, --fsdp or not); keep
+        # this rank's shard
         sharding.load_full_state_dicts(state.model, state.ema, state.opt, ckpt)
     else:
         load_weights(state.model, ckpt["model"], f"--resume {path}")
@@ -985,8 +986,9 @@ def weights_usable(run, state, diffusion, inputs):
 
 def save_checkpoint(run, state, steps_per_epoch):
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt")
-    # --fsdp: every rank takes part in gathering the whole state dicts to rank 0
-    whole = sharding.full_state_dicts(state.model, state.ema, state.opt) if run.args.fsdp else None
+    whole = None
+    if sharding.is_sharded(state.model):  # --fsdp: every rank takes part in gathering the whole state dicts to rank 0
+        whole = sharding.full_state_dicts(state.model, state.ema, state.opt)
     if run.rank == 0:
         progress = {"train_steps": state.train_steps, "epoch": state.epoch, "batches_in_epoch": state.batches_done,
                     "world_size": run.world_size}
@@ -1114,7 +1116,7 @@ def wrap_ddp(run, model):
     than set to None between steps (train_step does; None would reallocate them and copy them into
     the buckets at every step, as PyTorch's DDP docstring warns). Over gloo the buckets hold GLOO_BUCKET_MB.
     --fsdp: the model as build_state sharded it (FSDP does the gradients' reduce-scatter itself)."""
-    if run.world_size == 1 or run.args.fsdp:
+    if run.world_size == 1 or sharding.is_sharded(model):
         return model
     if run.device.type == "cuda":
         return DDP(model, device_ids=[run.device.index], gradient_as_bucket_view=True)
