@@ -71,9 +71,12 @@ class Loaded:
 
 
 # ------------------------------------------------------------------ train.py checkpoints
-def train_state(model, ema, opt, scaler, args, diffusion_args, progress):
-    """The dict train.py saves; `progress` holds train_steps, epoch, batches_in_epoch, world_size."""
-    return {"format": FORMAT, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+def train_state(model, ema, opt, scaler, args, diffusion_args, progress, whole=None):
+    """The dict train.py saves; `progress` holds train_steps, epoch, batches_in_epoch, world_size.
+    `whole`: the model, ema and opt state dicts where they were gathered from shards (train.py --fsdp)."""
+    if whole is None:
+        whole = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+    return {"format": FORMAT, "model": whole["model"], "ema": whole["ema"], "opt": whole["opt"],
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": dict(model.model_args),
             "diffusion_args": dict(diffusion_args), "args": dict(vars(args)), **progress}
 

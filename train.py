@@ -66,6 +66,7 @@ import files
 import finetune
 import metrics
 import runs
+import sharding
 import vae as vae_lib
 from checkpoint import load_weights
 from diffusion import (ProcessError, add_process_flags, create_process, objective_of, process_model_args,
@@ -115,6 +116,10 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1): the EMA's weight on its past")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (off)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients, AdamW state and the EMA across the processes (PyTorch "
+                             "FSDP2, per block) instead of DDP's full copy on each: models past one device's "
+                             "memory; checkpoints are written whole, as without it")
     parser.add_argument("--num-workers", type=cli.non_negative_int, default=None,
                         help="data-loading processes per rank (default 0 for data held in memory, else 4)")
     parser.add_argument("--log-every", type=cli.positive_int, default=100)
@@ -149,6 +154,7 @@ def check_args(args):
                             "extract_features.py)")
     check_numbers(args)
     check_training_options(args)
+    check_sharding(args)
     metrics.check_loggers(args.logger)
     return args
 
@@ -168,6 +174,22 @@ def check_training_options(args):
                             "pass only one of them")
     if args.class_map and not args.init_from:
         raise cli.UserError("--class-map maps the classes of an --init-from checkpoint; add --init-from or drop it")
+
+
+def check_sharding(args):
+    """--fsdp: one line for each flag it does not combine with, before any work."""
+    if not args.fsdp:
+        return
+    sample_later = "sample or evaluate its checkpoints with sample.py / sample_ddp.py instead"
+    refused = [("--sample-every", args.sample_every, f"rank 0 alone samples its grids from the whole EMA; "
+                                                     f"{sample_later}"),
+               ("--eval-every", args.eval_every, f"its FID samples need the whole EMA; {sample_later}"),
+               # GradScaler finds inf/NaN in this rank's gradient shards alone: the ranks could skip different steps
+               ("--precision fp16", args.precision == "fp16", "fp16's loss scaler is not shard-aware; use "
+                                                              "--precision bf16")]
+    for flag, given, fix in refused:
+        if given:
+            raise cli.UserError(f"--fsdp does not combine with {flag}: {fix}")
 
 
 def lr_at(args, step, horizon):
@@ -380,6 +402,8 @@ def build_state(run, init=None):
     torch.manual_seed(args.global_seed * run.world_size + run.rank)
     model.gradient_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
+    if args.fsdp:  # before the optimiser, which must hold the sharded parameters
+        model, ema = sharding.shard(model), sharding.shard(ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             **adamw_kernel(run.device, args.compile))
     scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
@@ -404,9 +428,13 @@ def restore(state, ckpt, path, args, steps_per_epoch):
         raise cli.UserError(f"--resume {path} holds {theirs}, but this run builds {state.model.config.describe()} "
                             f"({differing}); drop --image-size / --vae / --in-channels (a resume takes the "
                             f"checkpoint's)")
-    load_weights(state.model, ckpt["model"], f"--resume {path}")
-    load_weights(state.ema, ckpt["ema"], f"--resume {path} (ema)")
-    state.opt.load_state_dict(ckpt["opt"])
+    if sharding.is_sharded(state.model):  # --fsdp: the checkpoint is whole (any world size, --fsdp or not); keep
+        # this rank's shard
+        sharding.load_full_state_dicts(state.model, state.ema, state.opt, ckpt)
+    else:
+        load_weights(state.model, ckpt["model"], f"--resume {path}")
+        load_weights(state.ema, ckpt["ema"], f"--resume {path} (ema)")
+        state.opt.load_state_dict(ckpt["opt"])
     for group in state.opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
         group.update(adamw_kernel(next(state.model.parameters()).device, args.compile))  # not the saving run's
@@ -674,11 +702,14 @@ def weights_usable(run, state, diffusion, inputs):
 
 def save_checkpoint(run, state, steps_per_epoch):
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt")
+    whole = None
+    if sharding.is_sharded(state.model):  # --fsdp: every rank takes part in gathering the whole state dicts to rank 0
+        whole = sharding.full_state_dicts(state.model, state.ema, state.opt)
     if run.rank == 0:
         progress = {"train_steps": state.train_steps, "epoch": state.epoch, "batches_in_epoch": state.batches_done,
                     "world_size": run.world_size}
         checkpoint.save(checkpoint.train_state(state.model, state.ema, state.opt, state.scaler, run.args,
-                                               run.args.diffusion_args, progress), path)
+                                               run.args.diffusion_args, progress, whole), path)
         run.logger.info(f"Saved checkpoint to {path}")
         if run.args.keep_last > 0:  # only this run's folder: a resume from an earlier step gets a new one
             for old in runs.checkpoints_in(run.experiment_dir)[:-run.args.keep_last]:
@@ -799,8 +830,9 @@ def wrap_ddp(run, model):
     """The model under DDP when there are several ranks. Gradients are views of DDP's buckets, so the
     backward writes them in place, with no copy into the buckets, as long as they are zeroed rather
     than set to None between steps (train_step does; None would reallocate them and copy them into
-    the buckets at every step, as PyTorch's DDP docstring warns). Over gloo the buckets hold GLOO_BUCKET_MB."""
-    if run.world_size == 1:
+    the buckets at every step, as PyTorch's DDP docstring warns). Over gloo the buckets hold GLOO_BUCKET_MB.
+    --fsdp: the model as build_state sharded it (FSDP does the gradients' reduce-scatter itself)."""
+    if run.world_size == 1 or sharding.is_sharded(model):
         return model
     if run.device.type == "cuda":
         return DDP(model, device_ids=[run.device.index], gradient_as_bucket_view=True)
