@@ -1,8 +1,6 @@
 """What the command-line scripts share: one-line errors for the user's mistakes (tracebacks for
 ours), the flags every script reads the same way, precision, and image conversion helpers."""
 import argparse
-import contextlib
-import ctypes
 import errno
 import math
 import sys
@@ -10,10 +8,10 @@ import sys
 import torch
 
 import models
+import precision as precision_lib
 from diffusion import samplers
 from errors import UserError  # noqa: F401  (re-exported: cli.UserError is how scripts name it)
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 # Environment errors whose message already says what is wrong; anything else is a bug to debug.
@@ -47,39 +45,6 @@ def run(main):
             msg = f"the GPU ran out of memory ({msg[:120]}); lower the batch size or use --precision bf16"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-
-
-def keep_freed_memory():
-    """Let glibc's malloc keep freed memory for the next call instead of handing it back to the
-    kernel. By default it serves large blocks (a batch's activations) with fresh mmap'd pages and
-    trims the heap's top, so each forward pass of a sampling process on CPU page-faults its
-    activations in anew, the kernel zeroing every page: about 57,000 faults per eager DiT-S/2
-    batch-8 forward, which runs 1.17x faster without them (benchmarks/bench_speed.py --what heap).
-    The process keeps its peak memory instead. Changes no result; a no-op where the C library is
-    not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h's parameter numbers
-    mallopt(m_mmap_threshold, 1 << 30)
-    mallopt(m_trim_threshold, 1 << 30)
-
-
-def set_tf32(precision, device):
-    """TF32 matmuls on CUDA unless fp32 is asked for (the original enables TF32)."""
-    if device.type == "cuda":
-        allow = precision != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
-
-
-def autocast(precision, device):
-    """Autocast context for bf16/fp16; a no-op for fp32/tf32."""
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def to_uint8(images):
@@ -207,7 +172,7 @@ def add_device_flags(parser, precision, compile=False, quantize=False):
     compile=True adds --compile, the model's fast mode (fast.compile_model); quantize=True adds
     --quantize, the sampling scripts' int8 mode on CPU (fast.quantize_model)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", choices=PRECISIONS, default=precision,
+    parser.add_argument("--precision", choices=precision_lib.PRECISIONS, default=precision,
                         help="fp32 | tf32 (TF32 matmuls on CUDA) | bf16 | fp16 (autocast); default "
                              + (precision or "PyTorch's own settings, as the original sample.py"))
     if compile:

@@ -28,6 +28,7 @@ import data
 import distributed
 import files
 import vae as vae_lib
+from precision import set_tf32
 
 CONFIG = "config.json"  # what the folder's shards were made from; a mismatch is refused
 
@@ -71,7 +72,7 @@ def main(argv=None):
 
 @torch.no_grad()
 def extract(args, rank, world_size, device):
-    cli.set_tf32(args.precision, device)
+    set_tf32(args.precision, device)
     dataset = data.ImageFolder(args.data_path, args.image_size, channels=3, in_memory=False, quiet=rank != 0)
     num_shards = math.ceil(len(dataset) / args.shard_size)
     config = {"data_path": os.path.abspath(args.data_path), "num_images": len(dataset), "classes": dataset.classes,

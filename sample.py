@@ -27,7 +27,9 @@ from torchvision.utils import save_image as save_grid
 import cli
 import sampling
 from distributed import pick_device
+from fast import keep_freed_memory
 from files import atomic_path, check_output_file, save_image
+from precision import set_tf32
 
 ORIGINAL_CLASS_LABELS = "207 360 387 974 88 979 417 279"
 
@@ -96,7 +98,7 @@ def main(argv=None):
     check_args(args)
     device = pick_device(args.device)
     if args.precision is not None:
-        cli.set_tf32(args.precision, device)
+        set_tf32(args.precision, device)
 
     torch.manual_seed(args.seed)
     model, settings = sampling.load_model(args, device)
@@ -132,5 +134,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.keep_freed_memory()  # as a script only: a process importing main keeps its own malloc settings
+    keep_freed_memory()  # as a script only: a process importing main keeps its own malloc settings
     cli.run(main)

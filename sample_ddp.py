@@ -36,7 +36,9 @@ import cli
 import distributed
 import sampling
 from download import checkpoint_sha256
+from fast import keep_freed_memory
 from files import atomic_path, save_image, save_json
+from precision import set_tf32
 from sample import check_sampling_args, check_writable
 
 # Settings that change the images: a restart into the same folder must keep them.
@@ -206,7 +208,7 @@ def make_images(args, indices, tools, folder, rank, device):
 
 def _sample(args, rank, world_size, device):
     distributed.share_cpu_threads(device)
-    cli.set_tf32(args.precision, device)
+    set_tf32(args.precision, device)
 
     with distributed.local_rank0_first():  # released weights and hub files: one download per machine
         model, settings = sampling.load_model(args, device)
@@ -255,5 +257,5 @@ def _sample(args, rank, world_size, device):
 
 
 if __name__ == "__main__":
-    cli.keep_freed_memory()  # as a script only: a process importing main keeps its own malloc settings
+    keep_freed_memory()  # as a script only: a process importing main keeps its own malloc settings
     cli.run(main)

@@ -34,6 +34,7 @@ from diffusion import ProcessError, guides_all_channels, objective_of, samplers
 from download import RELEASED_MODELS
 from fast import check_quantize, compile_model, quantize_model
 from models import config_name, model_args_for
+from precision import autocast
 
 
 def add_model_args(parser, cfg_scale, num_sampling_steps=250):
@@ -373,7 +374,7 @@ def _guided(model, cfg_scale, guide_all_channels, precision, device, noise_level
         level = noise_level(t) if block_cache is not None or cfg_interval is not None else None
         if block_cache is not None:
             block_cache.next_call(level)
-        with cli.autocast(precision, device):
+        with autocast(precision, device):
             if cfg_scale == 1:
                 return run(x, t, y).float()
             if cfg_interval is not None and not cfg_interval[0] <= level <= cfg_interval[1]:

@@ -74,6 +74,7 @@ from diffusion import (ProcessError, add_process_flags, create_process, objectiv
 from diffusion.samplers import check_fits
 from fast import compile_model
 from models import DiTConfig, config_name, differences, model_args_for, variant_fields
+from precision import autocast, set_tf32
 
 
 # ------------------------------------------------------------------ flags
@@ -591,7 +592,7 @@ def train_step(run, state, diffusion, micro_inputs):
         # DDP's no_sync: no all-reduce in the backward of the first n - 1 micro-batches
         skip_sync = i < n - 1 and hasattr(state.trained, "no_sync")
         with state.trained.no_sync() if skip_sync else contextlib.nullcontext():
-            with cli.autocast(args.precision, run.device):
+            with autocast(args.precision, run.device):
                 loss = diffusion.training_losses(state.trained, x, t, kwargs, noise=noise)["loss"].mean()
             state.scaler.scale(loss if n == 1 else loss / n).backward()
         total = loss.detach() if n == 1 else (loss.detach() / n if total is None else total + loss.detach() / n)
@@ -694,7 +695,7 @@ def weights_usable(run, state, diffusion, inputs):
     x, t, kwargs, noise = inputs
     ok = all(torch.isfinite(p).all() for p in (*state.model.parameters(), *state.ema.parameters()))
     if ok:
-        with cli.autocast(run.args.precision, run.device):
+        with autocast(run.args.precision, run.device):
             loss = diffusion.training_losses(state.model, x, t, kwargs, noise=noise)["loss"].mean()
         ok = bool(torch.isfinite(loss))
     return distributed.mean_over_ranks(float(ok), run.device) == 1.0
@@ -844,7 +845,7 @@ def train(run, resume, init=None):
     (start_resume's, whose settings are already on run.args)."""
     args = run.args
     distributed.share_cpu_threads(run.device, args.cpu_threads)
-    cli.set_tf32(args.precision, run.device)
+    set_tf32(args.precision, run.device)
     dataset, sampler, loader, steps_per_epoch = build_data(run)
     need_vae = args.vae != "none" and (not args.feature_path or (run.rank == 0 and args.sample_every)
                                        or args.eval_every)

@@ -10,9 +10,9 @@ import os
 
 import torch
 
-import cli
 import hub
 from errors import UserError
+from precision import autocast
 
 LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
 DOWNSAMPLE = 8  # image size / latent size
@@ -64,7 +64,7 @@ def encode_distribution(vae, images, precision="fp32"):
     """Mean and standard deviation of the encoder's Gaussian for images in [-1, 1] (unscaled), float32.
     precision bf16 or fp16 runs the encoder under autocast (train.py --vae-precision): on GPUs several
     times faster than float32, the latents then off by the low precision's rounding (docs/gpu.md)."""
-    with cli.autocast(precision, images.device):
+    with autocast(precision, images.device):
         dist = vae.encode(images.to(vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 

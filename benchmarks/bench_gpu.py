@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import precision as precision_lib  # noqa: E402
 import sampling  # noqa: E402
 import train  # noqa: E402
 from diffusion import create_process  # noqa: E402
@@ -90,7 +91,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (one GPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (they absorb compilation)")
-    parser.add_argument("--precision", choices=cli.PRECISIONS, default=None,
+    parser.add_argument("--precision", choices=precision_lib.PRECISIONS, default=None,
                         help="default bf16 on CUDA (fp16 on GPUs without bf16 tensor cores, e.g. V100, T4), "
                              "fp32 on CPU (where bf16 is emulated without AVX-512 BF16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -224,7 +225,7 @@ def main():
         args.compile = device.type == "cuda"
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     args.precision = choose_precision(args.precision, device.type, capability)
-    cli.set_tf32(args.precision, device)
+    precision_lib.set_tf32(args.precision, device)
     peak, source = peak_tflops(args, device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
           f"{torch.__version__}; peak {peak:.1f} TFLOP/s ({source})", flush=True)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import autocast, set_tf32  # noqa: E402
+from precision import autocast, set_tf32  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from fast import compile_model  # noqa: E402
 from models import create_model  # noqa: E402

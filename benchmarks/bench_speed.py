@@ -29,7 +29,7 @@ VAE's shape, 8 channels), DiT-S/2, global batch 8; steps/s over --steps after --
 and each variant's median over --repeats is reported.
 
 heap: the eager forward as a sampling process makes it, with glibc's malloc as it comes and then
-after cli.keep_freed_memory (sample.py's setting, which cannot be undone in a process), with the
+after fast.keep_freed_memory (sample.py's setting, which cannot be undone in a process), with the
 page faults per call.
 
 Each figure of forward and train comes twice: per wall-clock second, and per second of the
@@ -136,14 +136,14 @@ print(json.dumps({"times": times, "first_call": first, "same": sha["old"] == sha
 
 # Run in a fresh interpreter (argv: the code folder, model, batch, calls): the eager forward's
 # process CPU time and page faults per call, as a sampling process makes them, before and after
-# cli.keep_freed_memory (sample.py's malloc setting; two calls to settle between).
+# fast.keep_freed_memory (sample.py's malloc setting; two calls to settle between).
 HEAP_CHILD = r"""
 import json, resource, sys, time
 code, model_name, batch, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 sys.path.insert(0, code)
 import torch
 torch.set_num_threads(1)
-import cli, models
+import fast, models
 torch.manual_seed(0)
 model = models.create_model(model_name, input_size=32).eval()
 x, t, y = torch.randn(batch, 4, 32, 32), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
@@ -157,7 +157,7 @@ def measure(n):
     return min(seconds), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
 measure(1)
 before = measure(calls)
-cli.keep_freed_memory()
+fast.keep_freed_memory()
 measure(2)
 print(json.dumps({"default": before, "keep_freed_memory": measure(calls)}))
 """
@@ -278,7 +278,7 @@ def bench_heap(args, new):
     """The eager forward in a sampling process with glibc's malloc as it comes and after sample.py's
     keep_freed_memory, in one process (malloc cannot be set back), median over --repeats processes."""
     print(f"\nsampling process, eager {args.model} forward at batch {args.batch_size}: malloc as it comes, then "
-          f"cli.keep_freed_memory, {args.calls} calls each, {args.repeats} processes:", flush=True)
+          f"fast.keep_freed_memory, {args.calls} calls each, {args.repeats} processes:", flush=True)
     runs = []
     for _ in range(args.repeats):
         runs.append(run_child(HEAP_CHILD, new, args.model, args.batch_size, args.calls, what="heap"))

@@ -1,9 +1,7 @@
-"""cli.py: image sizes (N or HxW) in every script, image conversion, class labels, autocast and TF32,
-the one-line error runner, and the malloc setting that keeps freed memory."""
+"""cli.py: image sizes (N or HxW) in every script, image conversion, class labels, and the one-line
+error runner."""
 
 import argparse
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import sample
 import sample_ddp
 import tiny_dit
 import train
-from conftest import MODEL, ROOT, run_main
+from conftest import MODEL, run_main
 
 tiny_dit.register()
 
@@ -49,23 +47,6 @@ def test_parse_class_labels_errors():
     for text in ("cat dog", "1.5", "3;4"):
         with pytest.raises(cli.UserError, match="must be integers separated by spaces or commas"):
             cli.parse_class_labels(text, 10)
-
-
-def test_autocast_is_a_no_op_for_fp32_and_tf32():
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-    cpu = torch.device("cpu")
-    for precision in ("fp32", "tf32"):
-        with cli.autocast(precision, cpu):
-            assert not torch.is_autocast_enabled("cpu")
-            assert (a @ b).dtype == torch.float32
-    with cli.autocast("bf16", cpu):
-        assert (a @ b).dtype == torch.bfloat16  # the contrast: bf16 does cast
-
-
-def test_set_tf32_leaves_cpu_runs_alone():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    cli.set_tf32("bf16" if not before[0] else "fp32", torch.device("cpu"))
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
 # ------------------------------------------------------------------ cli.run: one line for the user, tracebacks for bugs
@@ -128,29 +109,3 @@ def test_bad_image_size_is_one_clear_line_in_every_script(script, capsys):
 def test_latent_sizes_must_divide_by_eight(tmp_path, capsys):
     err = run_main(["--model", MODEL, "--image-size", "256x260", "--data-path", str(tmp_path)], capsys)
     assert err.startswith("error: --image-size 256x260 is not divisible by 8") and err.count("\n") == 1, err
-
-
-# The page faults of the last 3 of 20 64 MB tensors, each filled and freed, with glibc's malloc as
-# it comes or (argv[2] == "keep") after keep_freed_memory; malloc settles on reusing the freed
-# block after a few of them.
-HEAP_CHILD = r"""
-import resource, sys, torch
-sys.path.insert(0, sys.argv[1])
-import cli
-if sys.argv[2] == "keep":
-    cli.keep_freed_memory()
-for cycle in range(20):
-    if cycle == 17:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 * 2**20).fill_(1.0)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 3)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_keep_freed_memory_stops_the_page_faults_of_large_tensors():
-    """sample.py's malloc setting: a large tensor freed and allocated again reuses its pages (by default
-    glibc maps and faults in fresh ones: 16,384 four-KiB pages per 64 MB)."""
-    faults = {mode: float(subprocess.run([sys.executable, "-c", HEAP_CHILD, str(ROOT), mode], capture_output=True,
-                                         text=True, check=True).stdout) for mode in ("default", "keep")}
-    assert faults["keep"] < faults["default"] / 4 and faults["keep"] < 1000, faults

@@ -147,7 +147,6 @@ def test_large_feature_sets_are_memory_mapped(setup, monkeypatch):
 def test_image_folders_skip_hidden_files_and_folders(tmp_path, in_memory):
     """A complete temp PNG left by a kill between write and rename, a notebook's checkpoint folder and a
     hidden sub-folder: none of them is read (nor a class)."""
-    from PIL import Image
 
     root = write_images(tmp_path / "images", per_class=4, classes=3, size=8)
     pixel = Image.new("L", (8, 8), 255)
@@ -177,7 +176,6 @@ def test_an_empty_class_folder_is_named(tmp_path, content):
 def test_a_decompression_bomb_is_skipped_like_an_unreadable_image(tmp_path, monkeypatch, in_memory):
     """PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, not an OSError): lowered
     here so a 16x16 image is one, and skipped with the warning of every unreadable image."""
-    from PIL import Image
 
     root = write_images(tmp_path / "images", per_class=3, classes=2, size=8)
     Image.new("L", (16, 16)).save(root / "class1" / "bomb.png")

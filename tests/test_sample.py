@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import cli
-import diffusion
 import sample
 import sampling
 import tiny_dit

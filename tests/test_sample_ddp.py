@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 import cli
-import data
 import distributed
 import sample_ddp
 import sampling
@@ -240,7 +239,6 @@ def test_a_rerun_remakes_damaged_images_and_names_them(tmp_path, pixel_ckpt, cap
     first = np.load(sample_ddp.main(argv))["arr_0"]
     folder = glob.glob(str(tmp_path / "*.npz"))[0][:-len(".npz")]
     open(os.path.join(folder, "000001.png"), "wb").close()  # 0 bytes
-    from PIL import Image
 
     Image.new("RGB", (5, 7)).save(os.path.join(folder, "000002.png"))  # another size
     capsys.readouterr()
