@@ -300,7 +300,6 @@ def test_adamw_kernels_match_the_default_loop():
 def test_ddp_over_gloo_uses_small_buckets_and_the_same_gradients(tmp_path):
     """train.wrap_ddp: GLOO_BUCKET_MB buckets on CPU (a one-rank gloo group stands in for the ranks), and
     the gradients, views of those buckets, equal the plain model's bit for bit."""
-    import torch.distributed as dist
     from types import SimpleNamespace
 
     torch.manual_seed(0)
@@ -776,7 +775,6 @@ def test_micro_batches_must_split_each_process_batch():
 
 
 def test_lr_schedule_values():
-    import math
 
     args = train.parse_args(["--data-path", "x", "--lr", "1e-3", "--lr-warmup-steps", "4", "--lr-schedule", "cosine",
                              "--lr-min", "1e-5"])
@@ -857,7 +855,6 @@ def test_init_from_rebuilds_the_class_table_and_samples(pixels, reference, tmp_p
 
 
 def test_init_from_at_another_image_size_rebuilds_the_position_table(pixels, reference, tmp_path):
-    import models
 
     source_path = reference / EXPERIMENT / "checkpoints" / f"{STEPS:07d}.pt"
     args = pixel_args(pixels, tmp_path, "--max-steps", 1, "--init-from", source_path)
