@@ -94,6 +94,7 @@ def parse_args(argv=None):
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (--no-hflip for data where a mirror image is another "
                              "thing, such as digits)")
+    data.add_bucket_flag(parser)  # --aspect-buckets
     parser.add_argument("--epochs", type=cli.positive_int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (1 or more)")
     parser.add_argument("--global-batch-size", type=cli.positive_int, default=256)
@@ -144,7 +145,10 @@ def parse_args(argv=None):
     parser.add_argument("--dist-timeout-min", type=cli.positive_int, default=30,
                         help="minutes a rank waits for the others (at a barrier while rank 0 writes a "
                              "checkpoint or computes FID) before the job fails")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.aspect_buckets and args.image_size is None and not args.feature_path:
+        args.image_size = args.aspect_buckets[0]  # the model's recorded size: sample.py's default
+    return args
 
 
 def check_args(args):
@@ -483,17 +487,16 @@ class State:
 
 
 def build_data(run):
-    """(dataset, sampler, loader, steps_per_epoch); images or pre-extracted features."""
+    """(dataset, sampler, loader, steps_per_epoch); images or pre-extracted features, in aspect-ratio
+    buckets when --aspect-buckets is given or the features were extracted with it."""
     args = run.args
-    if args.feature_path:
-        dataset = data.FeatureShards(args.feature_path, args.num_classes or None)  # 0 (unconditional): any
-        in_memory = len(dataset.shards) == 1
+    if use_buckets(args):
+        dataset, in_memory = bucketed_data(run)
+        sampler = data.BucketSampler(dataset.bucket_of, args.global_batch_size, run.world_size, run.rank,
+                                     seed=args.global_seed)
     else:
-        channels = args.in_channels if args.vae == "none" else 3
-        dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes or None,
-                                   quiet=run.rank != 0)
-        in_memory = dataset.images is not None
-    sampler = data.ResumableSampler(dataset, run.world_size, run.rank, seed=args.global_seed)
+        dataset, in_memory = single_size_data(run)
+        sampler = data.ResumableSampler(dataset, run.world_size, run.rank, seed=args.global_seed)
     steps_per_epoch = sampler.num_samples // run.local_batch
     if steps_per_epoch == 0:
         raise cli.UserError(f"the data set has {len(dataset)} images, fewer than one global batch of "
@@ -503,6 +506,52 @@ def build_data(run):
                         pin_memory=run.device.type == "cuda", drop_last=True, collate_fn=data.batch_collate,
                         persistent_workers=num_workers > 0)
     return dataset, sampler, loader, steps_per_epoch
+
+
+def single_size_data(run):
+    """(dataset, held in memory): one --image-size."""
+    args = run.args
+    if args.feature_path:
+        dataset = data.FeatureShards(args.feature_path, args.num_classes or None)  # 0 (unconditional): any
+        return dataset, len(dataset.shards) == 1
+    channels = args.in_channels if args.vae == "none" else 3
+    dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes or None,
+                               quiet=run.rank != 0)
+    return dataset, dataset.images is not None
+
+
+def use_buckets(args):
+    """Whether this run trains in aspect-ratio buckets: --aspect-buckets, or features extracted with it
+    (whose buckets then become args.aspect_buckets, or must equal the given ones)."""
+    if args.feature_path:
+        recorded = data.FeatureShards.read_meta(args.feature_path).get("buckets")
+        recorded = recorded and [bucket["image_size"] for bucket in recorded]
+        if args.aspect_buckets and recorded != args.aspect_buckets:
+            listed = ",".join(map(cli.size_text, recorded)) if recorded else "none"
+            raise cli.UserError(f"--aspect-buckets differs from the buckets the features in {args.feature_path} "
+                                f"were extracted with ({listed}); drop the flag or re-extract")
+        args.aspect_buckets = recorded or None
+    return bool(args.aspect_buckets)
+
+
+def bucketed_data(run):
+    """(dataset, held in memory) for --aspect-buckets; each bucket's size is checked first, as
+    resolve_sizes checks --image-size."""
+    args = run.args
+    patch = model_args_for(args.model)["patch_size"]
+    step = patch * (1 if args.vae == "none" else vae_lib.DOWNSAMPLE)
+    for size in args.aspect_buckets:
+        if any(side % step for side in cli.height_width(size)):
+            raise cli.UserError(f"--aspect-buckets size {cli.size_text(size)} does not divide into {args.model}'s "
+                                f"patches{'' if args.vae == 'none' else ' of VAE latents'}; use sides that are "
+                                f"multiples of {step}")
+    if args.feature_path:
+        dataset = data.BucketedFeatures(args.feature_path, args.num_classes or None)
+        return dataset, all(part is None or len(part.shards) == 1 for part in dataset.parts)
+    channels = args.in_channels if args.vae == "none" else 3
+    dataset = data.BucketedImages(args.data_path, args.aspect_buckets, channels, args.num_classes or None,
+                                  quiet=run.rank != 0)
+    return dataset, dataset.images is not None
 
 
 def build_state(run, init=None):
@@ -786,6 +835,8 @@ def step_randomness(run, step, dropout, x_shape, process):
     flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[mine]
     drop = (torch.rand(B, generator=gen, device=device) < dropout)[mine].long()
     t = process.training_times(B, gen, device)[mine]
+    if args.aspect_buckets:  # the noise takes the step's bucket's shape: drawn on by bucket_noise
+        return flip, drop, t, None, gen
     latent_noise = torch.randn((B, 4, *cli.height_width(args.input_size)), generator=gen, device=device)[mine]
     noise = torch.randn((B, *x_shape), generator=gen, device=device)[mine]
     return flip, drop, t, latent_noise, noise
@@ -817,6 +868,8 @@ def micro_batches(run, batch, randomness, dropout, vae):
     every sample keeps its draws whatever the split. An unconditional model (--num-classes 0)
     sees every label as its null class, 0."""
     flip, drop, t, latent_noise, noise = randomness
+    if latent_noise is None:
+        latent_noise, noise = bucket_noise(run, batch, noise)
     size = run.local_batch // run.args.grad_accum_steps
     for start in range(0, run.local_batch, size):
         part = slice(start, start + size)
@@ -824,6 +877,20 @@ def micro_batches(run, batch, randomness, dropout, vae):
         if run.args.num_classes == 0:
             y = torch.zeros_like(y)
         yield x, t[part], dict(y=y, force_drop_ids=drop[part]) if dropout > 0 else dict(y=y), noise[part]
+
+
+def bucket_noise(run, batch, gen):
+    """--aspect-buckets: the step's latent draws and noise, at the shape of its bucket (the batch's),
+    drawn for the whole global batch from the step's generator after step_randomness's draws (as
+    the single-size run draws them) and sliced to this process's share."""
+    args, device = run.args, run.device
+    B, mine = args.global_batch_size, slice(run.rank, None, run.world_size)
+    height, width = batch[0].shape[-2:]  # images (pixels) or features (latents)
+    if args.vae != "none" and not args.feature_path:
+        height, width = height // vae_lib.DOWNSAMPLE, width // vae_lib.DOWNSAMPLE
+    latent_noise = torch.randn((B, 4, height, width), generator=gen, device=device)[mine]
+    noise = torch.randn((B, args.in_channels, height, width), generator=gen, device=device)[mine]
+    return latent_noise, noise
 
 
 def micro_batch_size(run):
