@@ -547,11 +547,23 @@ def bucketed_data(run):
                                 f"multiples of {step}")
     if args.feature_path:
         dataset = data.BucketedFeatures(args.feature_path, args.num_classes or None)
+        warn_small_buckets(run, dataset)
         return dataset, all(part is None or len(part.shards) == 1 for part in dataset.parts)
     channels = args.in_channels if args.vae == "none" else 3
     dataset = data.BucketedImages(args.data_path, args.aspect_buckets, channels, args.num_classes or None,
                                   quiet=run.rank != 0)
+    warn_small_buckets(run, dataset)
     return dataset, dataset.images is not None
+
+
+def warn_small_buckets(run, dataset):
+    """A bucket holding images but less than one global batch never trains: say which, once."""
+    counts = torch.bincount(dataset.bucket_of, minlength=len(dataset.buckets)).tolist()
+    small = [f"{cli.size_text(size)} ({n})" for size, n in zip(dataset.buckets, counts)
+             if 0 < n < run.args.global_batch_size]
+    if small and run.rank == 0:
+        print(f"warning: bucket(s) {', '.join(small)} hold fewer images than one global batch of "
+              f"{run.args.global_batch_size}, so their images are never trained on", file=sys.stderr)
 
 
 def build_state(run, init=None):

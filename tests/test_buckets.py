@@ -152,7 +152,7 @@ def test_a_bucketed_run_resumes_exactly(images, tmp_path, pos):
 
 
 def test_bucket_sizes_must_fit_the_patches(images, tmp_path, capsys):
-    err = run_main(bucket_args(images, tmp_path, "--max-steps", 1)[:-2] + ["--aspect-buckets", "8x8,8x15"], capsys)
+    err = run_main(bucket_args(images, tmp_path, "--max-steps", 1, "--aspect-buckets", "8x8,8x15"), capsys)
     assert "8x15" in err and "multiples of 2" in err, err
 
 
@@ -212,3 +212,17 @@ def test_the_default_run_has_no_buckets(tmp_path):
     args = pixel_args(tmp_path / "images", tmp_path / "results")
     from train import parse_args
     assert parse_args(args).aspect_buckets is None
+
+
+def test_a_bucket_smaller_than_a_batch_is_named(images, tmp_path, capsys):
+    args = bucket_args(images, tmp_path, "--max-steps", 1, "--aspect-buckets", "8x8,8x16,16x8,4x16")
+    assert run_main(args) is None
+    assert "bucket(s) 4x16" not in capsys.readouterr().err  # no 1:4 image: an empty bucket is no mistake
+    thin = write_shaped_images(tmp_path / "thin", shapes=[(4, 16)], per_shape=1)
+    for c in range(2):  # the 32 images plus one 1:4 image per class
+        for name in os.listdir(images / f"class{c}"):
+            os.link(images / f"class{c}" / name, thin / f"class{c}" / f"x{name}")
+    args[args.index("--data-path") + 1] = str(thin)
+    args[args.index("--results-dir") + 1] = str(tmp_path / "thin_results")
+    assert run_main(args) is None
+    assert "bucket(s) 4x16 (2) hold fewer images than one global batch of 8" in capsys.readouterr().err
