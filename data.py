@@ -11,6 +11,7 @@ readable image in the folder (so the data set keeps its length and order). Files
 image extension are ignored, with one warning that counts them. Hidden files and folders (names
 starting with ".": a killed writer's temp files, editor and OS files) are not read at all.
 """
+import argparse
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 import cli
@@ -196,11 +197,12 @@ class FeatureShards(Dataset):
         with open(meta_path) as f:
             return json.load(f)
 
-    def __init__(self, root, num_classes=None):
+    def __init__(self, root, num_classes=None, entries=None):
+        """entries: the shards to read (default: all the metadata lists; BucketedFeatures: one bucket's)."""
         self.meta = self.read_meta(root)
         check_labels(self.meta["num_classes"], num_classes, f"--feature-path {root!r}")
         shards = []
-        for entry in self.meta["shards"]:
+        for entry in self.meta["shards"] if entries is None else entries:
             path = os.path.join(root, entry["file"])
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"feature shard {path} is missing; re-run extract_features.py to rebuild it")
@@ -267,6 +269,172 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return max(0, self.num_samples - self.skip)
+
+
+# ------------------------------------------------------------------ aspect-ratio buckets
+def aspect_buckets(text):
+    """--aspect-buckets: sizes HxW (or N for a square) separated by commas, e.g. 256x256,192x320,320x192;
+    a list of cli.image_size values, in the order given (the first is the run's --image-size)."""
+    sizes = [cli.image_size(part) for part in str(text).split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"{text!r} names no bucket; give sizes HxW separated by commas, "
+                                         f"e.g. 256x256,192x320,320x192")
+    if len({cli.height_width(size) for size in sizes}) < len(sizes):
+        raise argparse.ArgumentTypeError(f"{text!r} names a bucket twice; give each size once")
+    return sizes
+
+
+def add_bucket_flag(parser):
+    parser.add_argument("--aspect-buckets", type=aspect_buckets, default=None, metavar="HxW,HxW,...",
+                        help="train on several image shapes: each image goes to the size nearest its aspect "
+                             "ratio (resized and centre-cropped to it) and every global batch comes from one "
+                             "size (default: off, one --image-size)")
+
+
+def nearest_bucket(width, height, buckets):
+    """The index of the bucket nearest an image's aspect ratio, by log aspect ratio (so 2:1 and 1:2
+    are equally far from 1:1); the first of equally near ones."""
+    distances = [abs(math.log(width / height) - math.log(w / h)) for h, w in map(cli.height_width, buckets)]
+    return distances.index(min(distances))
+
+
+def image_dimensions(path):
+    """(width, height) from the file's header (no decoding); raises one of UNREADABLE_IMAGE."""
+    with Image.open(path) as image:
+        return image.size
+
+
+class BucketedImages(Dataset):
+    """An image folder (as ImageFolder: labels, hidden files, unreadable images) whose images are
+    cropped to the bucket nearest their aspect ratio. Items are (uint8 (C, H, W), label);
+    bucket_of[i] is image i's bucket. A batch (__getitems__) holds images of one bucket only.
+    Images whose header cannot be read are dropped when the folder is listed."""
+
+    def __init__(self, root, buckets, channels=3, num_classes=None, in_memory=None, quiet=False):
+        listing = ImageFolder(root, buckets[0], channels, num_classes, in_memory=False, quiet=quiet)
+        self.root, self.buckets, self.channels, self.classes = root, list(buckets), channels, listing.classes
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            sizes = list(pool.map(self._dimensions, listing.paths))
+        if not quiet and any(size is None for size in sizes):
+            warnings.warn(f"skipping {sum(size is None for size in sizes)} unreadable image(s) in {root}", stacklevel=2)
+        keep = [i for i, size in enumerate(sizes) if size is not None]
+        if not keep:
+            raise UserError(f"no image under --data-path {root!r} could be read; check the files")
+        self.paths = [listing.paths[i] for i in keep]
+        self.labels = listing.labels[keep]
+        self.bucket_of = torch.tensor([nearest_bucket(*sizes[i], self.buckets) for i in keep], dtype=torch.long)
+        pixels = sum(math.prod(cli.height_width(self.buckets[b])) for b in self.bucket_of.tolist())
+        if in_memory is None:
+            in_memory = pixels * channels <= IN_MEMORY_LIMIT
+        self.images = [self._load(i) for i in range(len(self.paths))] if in_memory else None
+
+    @staticmethod
+    def _dimensions(path):
+        try:
+            return image_dimensions(path)
+        except UNREADABLE_IMAGE:
+            return None
+
+    def _load(self, index):
+        """Image `index`, or (unreadable when decoded) the next readable one of its bucket."""
+        same = (self.bucket_of == self.bucket_of[index]).nonzero().squeeze(1).tolist()
+        start = same.index(index)
+        for i in same[start:] + same[:start]:
+            try:
+                return load_image(self.paths[i], self.buckets[self.bucket_of[i]], self.channels)
+            except UNREADABLE_IMAGE as e:
+                warnings.warn(f"skipping unreadable image {self.paths[i]} ({e}); using the next image of its "
+                              f"bucket instead", stacklevel=2)
+        raise UserError(f"no image of bucket {cli.size_text(self.buckets[self.bucket_of[index]])} under "
+                        f"--data-path {self.root!r} could be read; check the files")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return (self.images[index] if self.images is not None else self._load(index)), self.labels[index]
+
+    def __getitems__(self, indices):
+        if len(self.bucket_of[indices].unique()) > 1:  # a bug in the sampler, not the user's
+            raise RuntimeError(f"a batch mixes buckets: {self.bucket_of[indices].tolist()}")
+        images = [self.images[i] if self.images is not None else self._load(i) for i in indices]
+        return torch.stack(images), self.labels[torch.as_tensor(indices)]
+
+
+class BucketedFeatures(Dataset):
+    """Features extracted with --aspect-buckets: the metadata's "buckets" list each bucket's image
+    size and latent shape, and each shard entry its bucket. Items are ordered bucket by bucket;
+    items and batches as FeatureShards' (a batch holds one bucket only)."""
+
+    def __init__(self, root, num_classes=None):
+        self.meta = FeatureShards.read_meta(root)
+        self.buckets = [bucket["image_size"] for bucket in self.meta["buckets"]]
+        self.parts, counts = [], []
+        for b in range(len(self.buckets)):
+            entries = [entry for entry in self.meta["shards"] if entry["bucket"] == b]
+            self.parts.append(FeatureShards(root, num_classes, entries) if entries else None)
+            counts.append(len(self.parts[-1]) if entries else 0)
+        self.bucket_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        self.offsets = torch.tensor(np.cumsum([0] + counts))
+        self.labels = torch.cat([part.labels for part in self.parts if part is not None])
+
+    def __len__(self):
+        return len(self.bucket_of)
+
+    def __getitem__(self, index):
+        batch = self.__getitems__([index])
+        return batch[0][0], batch[1][0], batch[2][0]
+
+    def __getitems__(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        which = self.bucket_of[indices].unique()
+        if len(which) > 1:  # a bug in the sampler, not the user's
+            raise RuntimeError(f"a batch mixes buckets: {self.bucket_of[indices].tolist()}")
+        b = int(which[0])
+        return self.parts[b].__getitems__(indices - self.offsets[b])
+
+
+class BucketSampler(Sampler):
+    """The indices of this rank's batches when every global batch comes from one bucket.
+
+    An epoch is a pure function of (seed, epoch), as ResumableSampler's: a generator seeded by
+    seed + epoch shuffles each bucket's images and cuts them into global batches (a bucket's last
+    partial batch waits for a later epoch, with other images), then shuffles the order of all the
+    epoch's batches. So each bucket gets its share of the steps (its image count over the global
+    batch) in an order that differs every epoch; every rank computes the same batches; rank r takes
+    positions r, r + world_size, ... of each (as step_randomness slices the step's draws), so the
+    global batch does not depend on the number of processes; and a resume skips whole batches.
+    """
+
+    def __init__(self, bucket_of, global_batch, num_replicas, rank, seed):
+        self.bucket_of, self.global_batch, self.seed = bucket_of, global_batch, seed
+        self.num_replicas, self.rank, self.epoch, self.skip = num_replicas, rank, 0, 0
+        self.local_batch = global_batch // num_replicas
+        self.num_batches = sum(int(n) // global_batch for n in torch.bincount(bucket_of).tolist())
+        self.num_samples = self.num_batches * self.local_batch  # per rank and epoch, as DistributedSampler's
+
+    def set_epoch(self, epoch, skip=0):
+        """skip: indices of this rank already consumed in this epoch (batches done x local batch)."""
+        self.epoch, self.skip = epoch, skip
+
+    def global_batches(self):
+        """(batches, global batch size): the epoch's batches of dataset indices, in training order."""
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for b in range(int(self.bucket_of.max()) + 1):
+            members = (self.bucket_of == b).nonzero().squeeze(1)
+            members = members[torch.randperm(len(members), generator=gen)]
+            full = len(members) // self.global_batch * self.global_batch
+            batches.append(members[:full].view(-1, self.global_batch))
+        batches = torch.cat(batches)
+        return batches[torch.randperm(len(batches), generator=gen)]
+
+    def __iter__(self):
+        mine = self.global_batches()[self.skip // self.local_batch:, self.rank::self.num_replicas]
+        return iter(mine.reshape(-1).tolist())
 
     def __len__(self):
         return max(0, self.num_samples - self.skip)

@@ -91,10 +91,39 @@ def parse_args(argv=None):
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (--no-hflip for data where a mirror image is another "
                              "thing, such as digits)")
+    data.add_bucket_flag(parser)  # --aspect-buckets
     parser.add_argument("--epochs", type=cli.positive_int, default=1400)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (1 or more)")
     parser.add_argument("--global-batch-size", type=cli.positive_int, default=256)
     parser.add_argument("--global-seed", type=int, default=0, help=f"0 to {MAX_SEED - 1}")
+    add_optimizer_flags(parser)  # --lr and its schedule, accumulation, --init-from, --fsdp, ...
+    parser.add_argument("--num-workers", type=cli.non_negative_int, default=None,
+                        help="data-loading processes per rank (default 0 for data held in memory, else 4)")
+    parser.add_argument("--log-every", type=cli.positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=cli.positive_int, default=50_000)
+    parser.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
+    parser.add_argument("--resume", type=str, default=None, help="checkpoint path, or auto")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="let a resume continue on other data than the checkpoint was trained on (another "
+                             "path, image count or class list; refused without this flag)")
+    add_watch_flags(parser)  # sample grids and FID during training
+    metrics.add_logger_flag(parser)
+    cli.add_device_flags(parser, precision="tf32", compile=True)
+    parser.add_argument("--cpu-threads", type=cli.non_negative_int, default=0,
+                        help="CPU training: threads per process (default: the cores over the processes per machine)")
+    vae_lib.add_encode_precision_flag(parser)  # --vae-precision, for --data-path (--feature-path: no encoding)
+    parser.add_argument("--dist-timeout-min", type=cli.positive_int, default=30,
+                        help="minutes a rank waits for the others (at a barrier while rank 0 writes a "
+                             "checkpoint or computes FID) before the job fails")
+    args = parser.parse_args(argv)
+    if args.aspect_buckets and args.image_size is None and not args.feature_path:
+        args.image_size = args.aspect_buckets[0]  # the model's recorded size: sample.py's default
+    return args
+
+
+def add_optimizer_flags(parser):
+    """How the weights are optimised: AdamW and its LR schedule, accumulation, the starting weights,
+    the EMA, clipping, and how the model is held (checkpointed activations, FSDP)."""
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                         help="constant --lr (the paper's), or cosine / linear decay from --lr to --lr-min over the "
@@ -121,15 +150,10 @@ def parse_args(argv=None):
                         help="shard parameters, gradients, AdamW state and the EMA across the processes (PyTorch "
                              "FSDP2, per block) instead of DDP's full copy on each: models past one device's "
                              "memory; checkpoints are written whole, as without it")
-    parser.add_argument("--num-workers", type=cli.non_negative_int, default=None,
-                        help="data-loading processes per rank (default 0 for data held in memory, else 4)")
-    parser.add_argument("--log-every", type=cli.positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=cli.positive_int, default=50_000)
-    parser.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint path, or auto")
-    parser.add_argument("--allow-data-change", action="store_true",
-                        help="let a resume continue on other data than the checkpoint was trained on (another "
-                             "path, image count or class list; refused without this flag)")
+
+
+def add_watch_flags(parser):
+    """What the run shows of its EMA while it trains: sample grids and FID."""
     parser.add_argument("--sample-every", type=int, default=0,
                         help="save a grid of EMA samples (fixed classes and noise) every N steps (0: never)")
     cli.add_sampler_flags(parser, cfg_scale=4.0)  # for the sample grids and --eval-every
@@ -137,15 +161,6 @@ def parse_args(argv=None):
     parser.add_argument("--eval-ref", type=str, default=None, help="reference batch .npz for --eval-every")
     parser.add_argument("--eval-num-samples", type=cli.positive_int, default=1000)
     parser.add_argument("--eval-cfg-scale", type=cli.finite_float, default=1.5)
-    metrics.add_logger_flag(parser)
-    cli.add_device_flags(parser, precision="tf32", compile=True)
-    parser.add_argument("--cpu-threads", type=cli.non_negative_int, default=0,
-                        help="CPU training: threads per process (default: the cores over the processes per machine)")
-    vae_lib.add_encode_precision_flag(parser)  # --vae-precision, for --data-path (--feature-path: no encoding)
-    parser.add_argument("--dist-timeout-min", type=cli.positive_int, default=30,
-                        help="minutes a rank waits for the others (at a barrier while rank 0 writes a "
-                             "checkpoint or computes FID) before the job fails")
-    return parser.parse_args(argv)
 
 
 def check_args(args):
@@ -365,17 +380,16 @@ class State:
 
 
 def build_data(run):
-    """(dataset, sampler, loader, steps_per_epoch); images or pre-extracted features."""
+    """(dataset, sampler, loader, steps_per_epoch); images or pre-extracted features, in aspect-ratio
+    buckets when --aspect-buckets is given or the features were extracted with it."""
     args = run.args
-    if args.feature_path:
-        dataset = data.FeatureShards(args.feature_path, args.num_classes or None)  # 0 (unconditional): any
-        in_memory = len(dataset.shards) == 1
+    if use_buckets(args):
+        dataset, in_memory = bucketed_data(run)
+        sampler = data.BucketSampler(dataset.bucket_of, args.global_batch_size, run.world_size, run.rank,
+                                     seed=args.global_seed)
     else:
-        channels = args.in_channels if args.vae == "none" else 3
-        dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes or None,
-                                   quiet=run.rank != 0)
-        in_memory = dataset.images is not None
-    sampler = data.ResumableSampler(dataset, run.world_size, run.rank, seed=args.global_seed)
+        dataset, in_memory = single_size_data(run)
+        sampler = data.ResumableSampler(dataset, run.world_size, run.rank, seed=args.global_seed)
     steps_per_epoch = sampler.num_samples // run.local_batch
     if steps_per_epoch == 0:
         raise cli.UserError(f"the data set has {len(dataset)} images, fewer than one global batch of "
@@ -385,6 +399,64 @@ def build_data(run):
                         pin_memory=run.device.type == "cuda", drop_last=True, collate_fn=data.batch_collate,
                         persistent_workers=num_workers > 0)
     return dataset, sampler, loader, steps_per_epoch
+
+
+def single_size_data(run):
+    """(dataset, held in memory): one --image-size."""
+    args = run.args
+    if args.feature_path:
+        dataset = data.FeatureShards(args.feature_path, args.num_classes or None)  # 0 (unconditional): any
+        return dataset, len(dataset.shards) == 1
+    channels = args.in_channels if args.vae == "none" else 3
+    dataset = data.ImageFolder(args.data_path, args.image_size, channels, args.num_classes or None,
+                               quiet=run.rank != 0)
+    return dataset, dataset.images is not None
+
+
+def use_buckets(args):
+    """Whether this run trains in aspect-ratio buckets: --aspect-buckets, or features extracted with it
+    (whose buckets then become args.aspect_buckets, or must equal the given ones)."""
+    if args.feature_path:
+        recorded = data.FeatureShards.read_meta(args.feature_path).get("buckets")
+        recorded = recorded and [bucket["image_size"] for bucket in recorded]
+        if args.aspect_buckets and recorded != args.aspect_buckets:
+            listed = ",".join(map(cli.size_text, recorded)) if recorded else "none"
+            raise cli.UserError(f"--aspect-buckets differs from the buckets the features in {args.feature_path} "
+                                f"were extracted with ({listed}); drop the flag or re-extract")
+        args.aspect_buckets = recorded or None
+    return bool(args.aspect_buckets)
+
+
+def bucketed_data(run):
+    """(dataset, held in memory) for --aspect-buckets; each bucket's size is checked first, as
+    resolve_sizes checks --image-size."""
+    args = run.args
+    patch = model_args_for(args.model)["patch_size"]
+    step = patch * (1 if args.vae == "none" else vae_lib.DOWNSAMPLE)
+    for size in args.aspect_buckets:
+        if any(side % step for side in cli.height_width(size)):
+            raise cli.UserError(f"--aspect-buckets size {cli.size_text(size)} does not divide into {args.model}'s "
+                                f"patches{'' if args.vae == 'none' else ' of VAE latents'}; use sides that are "
+                                f"multiples of {step}")
+    if args.feature_path:
+        dataset = data.BucketedFeatures(args.feature_path, args.num_classes or None)
+        warn_small_buckets(run, dataset)
+        return dataset, all(part is None or len(part.shards) == 1 for part in dataset.parts)
+    channels = args.in_channels if args.vae == "none" else 3
+    dataset = data.BucketedImages(args.data_path, args.aspect_buckets, channels, args.num_classes or None,
+                                  quiet=run.rank != 0)
+    warn_small_buckets(run, dataset)
+    return dataset, dataset.images is not None
+
+
+def warn_small_buckets(run, dataset):
+    """A bucket holding images but less than one global batch never trains: say which, once."""
+    counts = torch.bincount(dataset.bucket_of, minlength=len(dataset.buckets)).tolist()
+    small = [f"{cli.size_text(size)} ({n})" for size, n in zip(dataset.buckets, counts)
+             if 0 < n < run.args.global_batch_size]
+    if small and run.rank == 0:
+        print(f"warning: bucket(s) {', '.join(small)} hold fewer images than one global batch of "
+              f"{run.args.global_batch_size}, so their images are never trained on", file=sys.stderr)
 
 
 def build_state(run, init=None):
@@ -531,6 +603,8 @@ def step_randomness(run, step, dropout, x_shape, process):
     flip = (torch.rand(B, generator=gen, device=device) < (0.5 if args.hflip else 0.0))[mine]
     drop = (torch.rand(B, generator=gen, device=device) < dropout)[mine].long()
     t = process.training_times(B, gen, device)[mine]
+    if args.aspect_buckets:  # the noise takes the step's bucket's shape: drawn on by bucket_noise
+        return flip, drop, t, None, gen
     latent_noise = torch.randn((B, 4, *cli.height_width(args.input_size)), generator=gen, device=device)[mine]
     noise = torch.randn((B, *x_shape), generator=gen, device=device)[mine]
     return flip, drop, t, latent_noise, noise
@@ -562,6 +636,8 @@ def micro_batches(run, batch, randomness, dropout, vae):
     every sample keeps its draws whatever the split. An unconditional model (--num-classes 0)
     sees every label as its null class, 0."""
     flip, drop, t, latent_noise, noise = randomness
+    if latent_noise is None:
+        latent_noise, noise = bucket_noise(run, batch, noise)
     size = run.local_batch // run.args.grad_accum_steps
     for start in range(0, run.local_batch, size):
         part = slice(start, start + size)
@@ -569,6 +645,20 @@ def micro_batches(run, batch, randomness, dropout, vae):
         if run.args.num_classes == 0:
             y = torch.zeros_like(y)
         yield x, t[part], dict(y=y, force_drop_ids=drop[part]) if dropout > 0 else dict(y=y), noise[part]
+
+
+def bucket_noise(run, batch, gen):
+    """--aspect-buckets: the step's latent draws and noise, at the shape of its bucket (the batch's),
+    drawn for the whole global batch from the step's generator after step_randomness's draws (as
+    the single-size run draws them) and sliced to this process's share."""
+    args, device = run.args, run.device
+    B, mine = args.global_batch_size, slice(run.rank, None, run.world_size)
+    height, width = batch[0].shape[-2:]  # images (pixels) or features (latents)
+    if args.vae != "none" and not args.feature_path:
+        height, width = height // vae_lib.DOWNSAMPLE, width // vae_lib.DOWNSAMPLE
+    latent_noise = torch.randn((B, 4, height, width), generator=gen, device=device)[mine]
+    noise = torch.randn((B, args.in_channels, height, width), generator=gen, device=device)[mine]
+    return latent_noise, noise
 
 
 def micro_batch_size(run):
