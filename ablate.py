@@ -36,8 +36,14 @@ import sys
 
 import numpy as np
 
+import checkpoint
+import digits
 import files
+import sampling
+import train
+from checkpoint import load_train
 from cli import SAMPLERS, run
+from distributed import pick_device
 from errors import UserError
 from flops import params_and_gflops
 
@@ -175,8 +181,6 @@ def train_argv(args, train_flags, variant):
 
 def train_accepts(argv):
     """Whether train.py's flags parse (argparse's message swallowed)."""
-    import train
-
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             train.parse_args(argv)
@@ -187,7 +191,6 @@ def train_accepts(argv):
 
 def check_variant(args, train_flags, variant):
     """train.py's own checks of the variant's flags, before any training starts; its resolved args."""
-    import train
 
     stderr = io.StringIO()
     try:
@@ -209,8 +212,6 @@ def check_variant(args, train_flags, variant):
 
 def check_scoring(args, variant, resolved):
     """The scoring sampler's settings against the variant's process, before any training."""
-    import sampling
-
     try:
         sampling.make_sampler(args.sampler, args.num_sampling_steps, resolved.diffusion_args)
     except UserError as e:
@@ -268,10 +269,6 @@ def score_settings(args, cfg_scale):
 
 def score_variant(args, variant, scorer, cfg_scale):
     """{step: digit scores} of every checkpoint at one guidance scale, cached in a file per scoring setting."""
-    import checkpoint
-    import sampling
-    from distributed import pick_device
-
     settings = score_settings(args, cfg_scale)
     path = os.path.join(variant.folder, "scores-cfg{cfg_scale:g}-{sampler}{num_sampling_steps}-{per_class}.json"
                         .format(**settings))
@@ -319,8 +316,6 @@ def read_metrics(variant):
 
 def collect(args, variant, scores):
     """Everything the figure and table show of one variant; scores: {cfg_scale: {step: digit scores}}."""
-    from checkpoint import load_train
-
     records = read_metrics(variant)
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     speeds = [r["steps_per_sec"] for r in records if "steps_per_sec" in r]
@@ -466,15 +461,12 @@ def main(argv=None):
     if len({v.folder for v in variants}) < len(variants):
         raise UserError("--vary lists the same value twice; give each value once")
     if args.score == "digits":
-        from distributed import pick_device
-
         pick_device(args.device)  # the scoring device exists: one line now, not after the first training
     for variant in variants:  # everything checked before the first run starts (and before any file is written)
         check_variant(args, train_flags, variant)
     for variant in variants:
         check_same_flags(variant, train_argv(args, train_flags, variant))
     if args.data_path == DIGITS:
-        import digits
 
         digits.prepare(DIGITS)
     elif not os.path.isdir(args.data_path):

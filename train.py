@@ -62,10 +62,12 @@ import checkpoint
 import cli
 import data
 import distributed
+import evaluate
 import files
 import finetune
 import metrics
 import runs
+import sampling
 import sharding
 import vae as vae_lib
 from checkpoint import load_weights
@@ -324,8 +326,6 @@ def check_numbers(args):
 
 def check_eval_ref(args):
     """--eval-ref exists and, when it holds images, at the resolution this run samples."""
-    import evaluate  # lazily: only runs that ask for FID need it
-
     if not args.eval_ref or not os.path.isfile(args.eval_ref):
         raise cli.UserError(f"--eval-every needs --eval-ref pointing at a reference .npz (got {args.eval_ref!r})")
     if "arr_0" in evaluate.npz_keys(args.eval_ref, "--eval-ref"):
@@ -812,8 +812,6 @@ def save_checkpoint(run, state, steps_per_epoch):
 # ------------------------------------------------------------------ watching samples
 def generate(run, ema, sampler, noise, labels, cfg_scale, vae, seed):
     """uint8 (N, H, W, C) images from the EMA model (sampling.py's samplers), global RNG untouched."""
-    import sampling  # lazily: only runs that watch samples need it
-
     with torch.random.fork_rng(devices=[noise.device] if noise.device.type == "cuda" else []):
         torch.manual_seed(seed)
         out, _ = sampling.generate(ema, sampler, labels, cfg_scale, noise, precision=run.args.precision,
@@ -848,8 +846,6 @@ def sample_grid(run, state, sampler, vae):
 
 def evaluate_fid(run, state, sampler, vae):
     """FID of --eval-num-samples EMA samples, split over the ranks, logged by rank 0."""
-    import evaluate  # lazily: only runs that ask for FID need its dependencies
-
     args = run.args
     per_rank = math.ceil(args.eval_num_samples / run.world_size)
     g = torch.Generator().manual_seed(step_seed(args.global_seed + 1, run.rank))
@@ -972,8 +968,6 @@ def start_resume(run):
 
 
 def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
-    import sampling  # for the sampler of grids and --eval-every
-
     args = run.args
     diffusion = create_process(args.diffusion_args)
     if args.num_classes == 0:  # an unconditional model has no class to guide towards
