@@ -136,6 +136,17 @@ def checkpoint(results_dir, step):
     return torch.load(os.path.join(results_dir, EXPERIMENT, "checkpoints", f"{step:07d}.pt"), weights_only=True)
 
 
+def assert_runs_agree(ours, theirs, step):
+    """Two runs' logged losses (rtol 1e-4) and their weights at `step` (atol 1e-5, rtol 1e-4) agree, as
+    two ways of computing the same training should (e.g. stored latents against encoding on the fly).
+    Returns both checkpoints for further checks."""
+    np.testing.assert_allclose([r["loss"] for r in metrics(ours)], [r["loss"] for r in metrics(theirs)], rtol=1e-4)
+    a, b = checkpoint(ours, step), checkpoint(theirs, step)
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-5, rtol=1e-4)
+    return a, b
+
+
 def metrics(results_dir):
     with open(os.path.join(results_dir, EXPERIMENT, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
