@@ -46,6 +46,7 @@ if __name__ == "__main__":  # --help and flag mistakes answered before the impor
     _parser().parse_args()
 
 # noqa: E402 below: these come after the early parse above
+import cli  # noqa: E402
 import download  # noqa: E402
 import files  # noqa: E402
 import interop  # noqa: E402
@@ -380,6 +381,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli
-
     cli.run(main)
