@@ -253,6 +253,18 @@ def take_model_settings(args, ckpt, remedy="a resume continues the checkpoint's 
         args.in_channels = recorded["in_channels"] if args.vae == "none" else 3
 
 
+def take_bucket_settings(args, recorded):
+    """A resume trains at the shapes its checkpoint did: --aspect-buckets defaults to the recorded ones
+    (None: one --image-size) and may only repeat them (other buckets would change what the run learns
+    from, as other data would)."""
+    if args.aspect_buckets is None:
+        args.aspect_buckets = recorded
+    elif args.aspect_buckets != recorded:
+        shown = ",".join(cli.size_text(size) for size in recorded) if recorded else "none (one --image-size)"
+        raise cli.UserError(f"--aspect-buckets does not match the checkpoint, trained with --aspect-buckets {shown}; "
+                            f"drop --aspect-buckets (a resume continues the checkpoint's shapes)")
+
+
 def resolve_sizes(args):
     """--image-size, --vae and the model's input size, filled in from the features' metadata and the
     defaults, and checked against the VAE and the patch."""
@@ -899,6 +911,8 @@ def apply_checkpoint_settings(args, ckpt, init=None):
         take_model_settings(args, ckpt, "fine-tuning keeps its model; only --num-classes and --image-size may differ")
     else:
         take_model_settings(args, ckpt)
+        if ckpt is not None:
+            take_bucket_settings(args, (ckpt.get("args") or {}).get("aspect_buckets"))
     try:
         args.diffusion_args = run_diffusion_args(args, ckpt["diffusion_args"] if ckpt is not None else None)
         if args.sampler is not None:  # the sampler of the grids and --eval-every

@@ -151,6 +151,22 @@ def test_a_bucketed_run_resumes_exactly(images, tmp_path, pos):
     assert losses[0][3:] == losses[1][3:]
 
 
+def test_a_resume_keeps_the_checkpoints_buckets(images, tmp_path, capsys):
+    """Without the flag a resume trains at the recorded buckets; other buckets, or buckets for a single-size
+    run, are refused in one line before any training."""
+    assert run_main(bucket_args(images, tmp_path / "buckets", "--max-steps", 2)) is None
+    plain = [a for a in bucket_args(images, tmp_path / "buckets", "--max-steps", 3, "--resume", "auto")
+             if a not in ("--aspect-buckets", BUCKETS)]
+    assert run_main(plain) is None
+    assert checkpoint(tmp_path / "buckets", 3)["args"]["aspect_buckets"] == [8, [8, 16], [16, 8]]
+    err = run_main(bucket_args(images, tmp_path / "buckets", "--max-steps", 4, "--resume", "auto",
+                               "--aspect-buckets", "8x8,8x16"), capsys)
+    assert err.count("\n") == 1 and "--aspect-buckets 8,8x16,16x8" in err, err
+    assert run_main(pixel_args(images, tmp_path / "single", "--num-classes", 2, "--max-steps", 2)) is None
+    err = run_main(bucket_args(images, tmp_path / "single", "--max-steps", 3, "--resume", "auto"), capsys)
+    assert "none (one --image-size)" in err, err
+
+
 def test_bucket_sizes_must_fit_the_patches(images, tmp_path, capsys):
     err = run_main(bucket_args(images, tmp_path, "--max-steps", 1, "--aspect-buckets", "8x8,8x15"), capsys)
     assert "8x15" in err and "multiples of 2" in err, err
