@@ -35,7 +35,9 @@ def register():
 def random_state_dict(seed, **kwargs):
     """Weights with every layer non-zero (a fresh DiT outputs exactly zero: adaLN-Zero)."""
     generator = torch.Generator().manual_seed(seed)
-    model = tiny(**kwargs)
+    with torch.random.fork_rng():  # the initial weights from the seed too, not from whatever ran before
+        torch.manual_seed(seed)
+        model = tiny(**kwargs)
     state_dict = model.state_dict()
     for name, value in state_dict.items():
         if name != "pos_embed":
