@@ -53,7 +53,7 @@ import interop  # noqa: E402
 import vae as vae_lib  # noqa: E402
 # the release's process: what older checkpoints were trained with
 from diffusion import DEFAULT_DIFFUSION_ARGS  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, first_line  # noqa: E402
 from models import (BLOCKS, MODEL_SIZES, DiT, DiTConfig, complete_model_args, config_name,  # noqa: E402
                     differences, flag_name, input_hw, model_args_for, variant_fields)
 
@@ -326,7 +326,7 @@ def _read_safetensors(path):
         with safe_open(path, framework="pt", device="cpu") as f:
             return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path!r} is not a readable .safetensors file ({_first_line(e)}); "
+        raise UserError(f"checkpoint {path!r} is not a readable .safetensors file ({first_line(e)}); "
                         f"re-create it with `python checkpoint.py export`") from None
 
 
@@ -342,10 +342,6 @@ def _unjson(metadata, key, path):
     except (KeyError, ValueError):
         raise UserError(f"{path!r}: its metadata lacks a valid {key!r}; re-export it with "
                         f"`python checkpoint.py export`") from None
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 # ------------------------------------------------------------------ diffusers (interop.py)

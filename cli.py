@@ -10,7 +10,7 @@ import torch
 import models
 import precision as precision_lib
 from diffusion import samplers
-from errors import UserError  # noqa: F401  (re-exported: cli.UserError is how scripts name it)
+from errors import UserError, first_line  # noqa: F401  (UserError re-exported: cli.UserError is how scripts name it)
 
 
 
@@ -40,7 +40,7 @@ def run(main):
     except Exception as e:
         if not is_environment_error(e):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e, limit=None)
         if isinstance(e, OUT_OF_MEMORY):
             msg = f"the GPU ran out of memory ({msg[:120]}); lower the batch size or use --precision bf16"
         print(f"error: {msg}", file=sys.stderr)

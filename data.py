@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler, default_colla
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 import cli
-from errors import UserError
+from errors import UserError, first_line
 from files import load_torch
 
 IN_MEMORY_LIMIT = 1 << 30  # bytes: smaller image sets and feature sets are held in RAM
@@ -246,7 +246,7 @@ def load_torch_mmap(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise UserError(f"feature shard {path!r} is corrupt ({str(e).splitlines()[0][:200]}); delete it and "
+        raise UserError(f"feature shard {path!r} is corrupt ({first_line(e)}); delete it and "
                          f"re-run extract_features.py") from None
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import cli
 from distributed import pick_device
+from errors import first_line
 from files import atomic_path, check_input_file, check_output_file, load_torch, save_json
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
@@ -92,7 +93,7 @@ def _read_header(f, what):
     except ValueError as e:
         if "ADM-format" in str(e):
             raise
-        raise _images_error(what, f"has an unreadable arr_0 ({str(e).splitlines()[0][:100]})") from None
+        raise _images_error(what, f"has an unreadable arr_0 ({first_line(e, 100)})") from None
 
 
 def npz_image_shape(path, what):
@@ -171,7 +172,7 @@ def fetch_inception_weights():
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(pf.FID_WEIGHTS_URL, path, progress=True)  # writes a .partial, then renames
         except Exception as e:  # urllib, socket and OS errors alike
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = first_line(e)
             raise cli.UserError(f"could not download the FID Inception weights from {pf.FID_WEIGHTS_URL} ({reason}); "
                                 f"fetch that file on a machine with internet and put it at {path} "
                                 f"(the folder follows $TORCH_HOME)") from None
@@ -214,7 +215,7 @@ def load_inception(device):
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise cli.UserError(f"{path} does not hold the FID Inception weights ({first}); delete it so it is "
                             f"downloaded again") from None
     with open(path, "rb") as f:

@@ -9,6 +9,7 @@ import cli
 import distributed
 import vae as vae_lib
 from checkpoint import load_weights
+from errors import first_line
 from models import DiTConfig, differences
 
 # The model fields a fine-tuning run may change: the class table is rebuilt (remap_class_rows) and a
@@ -59,7 +60,7 @@ def class_mapping(path, old, new):
             mapping = {int(new_class): int(old_class) for new_class, old_class in json.load(f).items()}
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise cli.UserError(f"--class-map {path!r} is not a readable JSON object of new class -> old class, such as "
-                            f"{{\"0\": 2, \"1\": 0}} ({str(e).splitlines()[0][:100]}); fix the file") from None
+                            f"{{\"0\": 2, \"1\": 0}} ({first_line(e, 100)}); fix the file") from None
     for new_class, old_class in mapping.items():
         if not (0 <= new_class < new and 0 <= old_class < old):
             raise cli.UserError(f"--class-map {path!r} maps new class {new_class} to old class {old_class}, but the "

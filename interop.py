@@ -34,7 +34,7 @@ import torch
 import files
 import hub
 import vae as vae_lib
-from errors import UserError
+from errors import UserError, first_line
 from diffusion import create_diffusion, objective_of
 from models import config_name, sincos_pos_embed_2d
 
@@ -372,7 +372,7 @@ def _load_transformer(location, subfolder, source):
     try:
         config = DiTTransformer2DModel.load_config(location, subfolder=subfolder)
     except Exception as e:  # offline, not on the hub, bad JSON: huggingface_hub and diffusers raise many kinds
-        raise UserError(f"could not read the diffusers DiT {source!r} ({_first_line(e)}); for a hub id connect to "
+        raise UserError(f"could not read the diffusers DiT {source!r} ({first_line(e)}); for a hub id connect to "
                         f"the internet once so it is cached, or pass a local folder") from None
     if config.get("_class_name") not in DIFFUSERS_DIT_CLASSES or config.get("norm_type") != "ada_norm_zero":
         raise UserError(f"{source!r} holds a {config.get('_class_name')} (norm_type {config.get('norm_type')}), not "
@@ -380,12 +380,8 @@ def _load_transformer(location, subfolder, source):
     try:
         return DiTTransformer2DModel.from_pretrained(location, subfolder=subfolder).eval()
     except Exception as e:
-        raise UserError(f"could not load the weights of the diffusers DiT {source!r} ({_first_line(e)}); "
+        raise UserError(f"could not load the weights of the diffusers DiT {source!r} ({first_line(e)}); "
                         f"re-download or re-export it") from None
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _pipeline_json(source, subfolder, name):

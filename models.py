@@ -443,29 +443,22 @@ def modulation_width(state_dict):
     return None if weight is None else weight.shape[0]
 
 
-class AdaLNZero(Conditioning):
-    """The release's: scale, shift and residual gates regressed from t + y, starting at zero."""
-    zero_init = True
-
-    def make_layer(self, last):
-        c = self.config
-        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, gated=True, **self.layer_options())
-
-    @staticmethod
-    def found_in(state_dict, hidden_size):
-        return modulation_width(state_dict) == 6 * hidden_size
-
-
 class AdaLN(Conditioning):
-    """Scale and shift only (no gates), the modulation ordinarily initialised."""
+    """Scale and shift regressed from t + y (no gates), the modulation ordinarily initialised."""
+    gated = False
 
     def make_layer(self, last):
         c = self.config
-        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, gated=False, **self.layer_options())
+        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, gated=self.gated, **self.layer_options())
 
-    @staticmethod
-    def found_in(state_dict, hidden_size):
-        return modulation_width(state_dict) == 4 * hidden_size
+    @classmethod
+    def found_in(cls, state_dict, hidden_size):
+        return modulation_width(state_dict) == (6 if cls.gated else 4) * hidden_size
+
+
+class AdaLNZero(AdaLN):
+    """The release's: adaLN plus a gate on each residual, the modulation starting at zero."""
+    gated = zero_init = True
 
 
 class CrossAttentionConditioning(Conditioning):

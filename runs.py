@@ -17,6 +17,7 @@ import checkpoint
 import cli
 import data
 import download
+from errors import first_line
 
 def model_string(args):
     return args.model.replace("/", "-")
@@ -128,7 +129,7 @@ def find_latest_readable(args):
             try:
                 ckpt = checkpoint.load_train(path)
             except cli.UserError as e:
-                print(f"warning: skipping {path}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                print(f"warning: skipping {path}: {first_line(e)}", file=sys.stderr)
                 skipped.append(path)
                 continue
             note = f"newer checkpoint(s) could not be read: {', '.join(skipped)}" if skipped else ""

@@ -74,6 +74,7 @@ from checkpoint import load_weights
 from diffusion import (ProcessError, add_process_flags, create_process, objective_of, process_model_args,
                        run_diffusion_args)
 from diffusion.samplers import check_fits
+from errors import first_line
 from fast import compile_model
 from models import DiTConfig, config_name, differences, model_args_for, variant_fields
 from precision import autocast, set_tf32
@@ -878,7 +879,7 @@ def evaluate_fid(run, state, sampler, vae):
             result = evaluate.compute_metrics(args.eval_ref, samples, device=run.device, batch_size=run.local_batch,
                                               metrics=("fid",))
         except (ValueError, RuntimeError, OSError) as e:  # a failed measurement must not end the training
-            run.logger.info(f"(step={state.train_steps:07d}) FID evaluation failed: {str(e).splitlines()[0]}")
+            run.logger.info(f"(step={state.train_steps:07d}) FID evaluation failed: {first_line(e, limit=None)}")
         else:
             run.logger.info(f"(step={state.train_steps:07d}) FID of {len(samples)} EMA samples: {result['fid']:.4f}")
             run.metrics_log.log({"step": state.train_steps, "fid": float(result["fid"]),

@@ -11,7 +11,7 @@ import os
 import torch
 
 import hub
-from errors import UserError
+from errors import UserError, first_line
 from precision import autocast
 
 LATENT_SCALE = 0.18215  # scales SD-VAE latents to roughly unit variance
@@ -51,7 +51,7 @@ def load_vae(vae="ema", vae_path=None, device="cpu", dtype=torch.float32, tiling
     try:
         model = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
     except Exception as e:  # offline, missing files, bad config: huggingface_hub and diffusers raise many kinds
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         raise UserError(f"could not load the VAE {source!r} ({reason}); connect to the internet once so it is "
                            f"cached, or pass --vae-path to a local diffusers AutoencoderKL folder") from None
     if tiling:
