@@ -1,8 +1,8 @@
 """Aspect-ratio buckets on the built-in digits (docs/aspect_buckets.md): what --aspect-buckets buys
 a RoPE model sampled at non-square sizes. Writes docs/aspect_buckets.png and prints the accuracies.
 
-    python benchmarks/bucket_digits.py                        # --steps 1500 --per-class 50
-    python benchmarks/bucket_digits.py --steps 3000 --out /tmp/bucket_digits
+    python benchmarks/bucket_digits.py                        # --steps 3000 --per-class 50: docs' figure
+    python benchmarks/bucket_digits.py --steps 600 --out /tmp/bucket_digits
 
 Builds canvas data from the real digits: each 8x8 digit as it is, centred on a black 8x16 canvas
 and centred on a black 16x8 canvas (5,391 images). Trains two DiT-T/2 models with --pos rope for
@@ -91,8 +91,9 @@ def figure(samples, per_class, path, cfg_scale):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(samples), figsize=(5.5 * len(samples), 7.5), squeeze=False)
+    shown = min(4, per_class)  # samples per class in the figure
     for ax, (name, by_size) in zip(axes[0], samples.items()):
-        tiles = [tile(images.reshape(10, -1, *images.shape[1:])[:, :4].reshape(-1, *images.shape[1:]), 4)
+        tiles = [tile(images.reshape(10, -1, *images.shape[1:])[:, :shown].reshape(-1, *images.shape[1:]), shown)
                  for images in by_size.values()]
         ax.imshow(side_by_side(tiles), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         x = 0
@@ -111,7 +112,7 @@ def figure(samples, per_class, path, cfg_scale):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bucket_digits_out")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--figure", default="docs/aspect_buckets.png")

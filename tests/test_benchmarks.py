@@ -1,10 +1,12 @@
 """benchmarks/ scripts without a GPU: bench_gpu.py's data-sheet peak found from the names torch gives
-real cards, the precision that follows the card, and its tiny CPU mode."""
+real cards, the precision that follows the card, and its tiny CPU mode; bucket_digits.py's canvases
+(each in its own bucket, the digit where it is scored) and a tiny run of the study."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import cli
@@ -12,6 +14,8 @@ from conftest import ROOT, subprocess_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402  (after the path is set)
+import bucket_digits  # noqa: E402
+import data  # noqa: E402
 
 
 @pytest.mark.parametrize("device_name, tflops", [
@@ -77,3 +81,29 @@ def test_bench_gpu_tiny_cpu_mode(tmp_path):
     assert row["mfu"] > 0 and row["precision"] == "fp32" and not row["compile"]  # the CPU defaults
     assert row["sample_images_per_sec"]["ddpm-3"] > 0 and row["sample_images_per_sec"]["dpm-solver-5"] > 0
     assert "DiT-S/8" in result.stdout and "MFU" in result.stdout
+
+
+@pytest.mark.parametrize("height, width", bucket_digits.BUCKETS)
+def test_bucket_digits_scores_the_region_where_the_canvas_holds_the_digit(height, width):
+    digit = np.random.default_rng(0).integers(1, 256, (8, 8), dtype=np.uint8)
+    image = bucket_digits.centred(digit, height, width)
+    assert image.shape == (height, width) and image.sum() == digit.sum()  # black margins
+    np.testing.assert_array_equal(bucket_digits.centre_region(image[None])[0], digit)
+
+
+@pytest.mark.slow
+def test_bucket_digits_tiny_run(tmp_path):
+    """Two training steps and one sample per class: the canvases land in their own buckets, and the
+    study writes its figure and an accuracy for each model and size (one per class: the figure's tiles)."""
+    result = subprocess.run([sys.executable, "benchmarks/bucket_digits.py", "--steps", "2", "--per-class", "1",
+                             "--out", str(tmp_path), "--figure", str(tmp_path / "figure.png")], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    canvases = data.BucketedImages(str(tmp_path / "canvases"), bucket_digits.BUCKETS, channels=1)
+    written = [tuple(map(int, path[:-len(".png")].rsplit("-", 1)[1].split("x"))) for path in canvases.paths]
+    assert len(written) == 3 * 1797 and sorted(set(written)) == sorted(bucket_digits.BUCKETS)
+    assert [bucket_digits.BUCKETS[b] for b in canvases.bucket_of.tolist()] == written  # each canvas, its own bucket
+    accuracy = json.loads((tmp_path / "accuracy.json").read_text())
+    assert len(accuracy) == 2 and all(sorted(sizes) == ["16x8", "8x16", "8x8"] for sizes in accuracy.values())
+    assert all(0 <= value <= 1 for sizes in accuracy.values() for value in sizes.values())
+    assert (tmp_path / "figure.png").stat().st_size > 0
