@@ -6,7 +6,8 @@ a time for its forward and backward. The EMA is sharded the same way: its shards
 model's, and the EMA update is local. Checkpoints keep train.py's format: the full state dicts
 are gathered to rank 0 (on the CPU) when saved, and a resume with --fsdp loads a full checkpoint
 and keeps each rank's shard. So sample.py --ckpt, a resume on any number of processes with or
-without --fsdp, and every other loader read them as before.
+without --fsdp, and every other loader read them as before. train.py's periodic samples come from
+a whole copy of the EMA gathered for them (whole_state_dict).
 """
 import contextlib
 import functools
@@ -19,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 # Saving: the whole tensors, on rank 0's CPU (the other ranks get empty dicts). Loading: every rank
 # holds the whole checkpoint (memory-mapped, checkpoint.load_train) and keeps its shard.
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-SCATTER = StateDictOptions(full_state_dict=True)
+SCATTER = StateDictOptions(full_state_dict=True)  # gathering with it gives every rank the whole tensors
 
 
 def shard(model):
@@ -66,6 +67,12 @@ def full_state_dicts(model, ema, opt):
                  "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
                                   for group in opt_state["param_groups"]]}
     return {"model": weights, "ema": ema_weights, "opt": opt_state}
+
+
+def whole_state_dict(module, every_rank):
+    """The sharded module's whole state dict on every rank (on its device), or on rank 0's CPU only
+    (the other ranks get {}); a collective, every rank calls it."""
+    return get_model_state_dict(module, options=SCATTER if every_rank else GATHER)
 
 
 def load_full_state_dicts(model, ema, opt, ckpt):

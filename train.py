@@ -196,19 +196,11 @@ def check_training_options(args):
 
 
 def check_sharding(args):
-    """--fsdp: one line for each flag it does not combine with, before any work."""
-    if not args.fsdp:
-        return
-    sample_later = "sample or evaluate its checkpoints with sample.py / sample_ddp.py instead"
-    refused = [("--sample-every", args.sample_every, f"rank 0 alone samples its grids from the whole EMA; "
-                                                     f"{sample_later}"),
-               ("--eval-every", args.eval_every, f"its FID samples need the whole EMA; {sample_later}"),
-               # GradScaler finds inf/NaN in this rank's gradient shards alone: the ranks could skip different steps
-               ("--precision fp16", args.precision == "fp16", "fp16's loss scaler is not shard-aware; use "
-                                                              "--precision bf16")]
-    for flag, given, fix in refused:
-        if given:
-            raise cli.UserError(f"--fsdp does not combine with {flag}: {fix}")
+    """--fsdp: refused in one line with what it does not combine with, before any work."""
+    # GradScaler finds inf/NaN in this rank's gradient shards alone: the ranks could skip different steps
+    if args.fsdp and args.precision == "fp16":
+        raise cli.UserError("--fsdp does not combine with --precision fp16: fp16's loss scaler is not shard-aware; "
+                            "use --precision bf16")
 
 
 def lr_at(args, step, horizon):
@@ -845,13 +837,33 @@ def save_grid(images, path, image_size):
     return grid
 
 
+def ema_to_sample(run, state, every_rank):
+    """The EMA model that draws the samples: state.ema itself, or under --fsdp a whole copy of it
+    gathered for them (on every rank, or on rank 0 only: the others get None; a collective). The
+    copy holds the weights alone, a fraction of the sharded training state's memory, and lives
+    only while the samples are drawn."""
+    if not sharding.is_sharded(state.ema):
+        return state.ema
+    weights = sharding.whole_state_dict(state.ema, every_rank)
+    if not weights:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; training's draws stay as they were
+        copy = checkpoint.build_model(state.ema.model_args)
+    load_weights(copy, weights, "the gathered EMA")
+    return copy.to(run.device).eval().requires_grad_(False)
+
+
 def sample_grid(run, state, sampler, vae):
-    """Eight EMA samples of spread-out classes from fixed noise, as a PNG (rank 0)."""
+    """Eight EMA samples of spread-out classes from fixed noise, as a PNG (rank 0; under --fsdp every
+    rank takes part in gathering the EMA)."""
+    ema = ema_to_sample(run, state, every_rank=False)
+    if run.rank != 0:
+        return
     args, n = run.args, 8
     labels = torch.tensor([i * args.num_classes // n for i in range(n)], device=run.device)
     x_shape = (args.in_channels, *cli.height_width(args.input_size))
     noise = torch.randn((n, *x_shape), generator=torch.Generator().manual_seed(args.global_seed)).to(run.device)
-    images = generate(run, state.ema, sampler, noise, labels, args.cfg_scale, vae, seed=args.global_seed)
+    images = generate(run, ema, sampler, noise, labels, args.cfg_scale, vae, seed=args.global_seed)
     path = os.path.join(run.experiment_dir, "samples", f"{state.train_steps:07d}.png")
     run.metrics_log.image(state.train_steps, "samples", save_grid(images, path, args.image_size))
     run.logger.info(f"Saved EMA samples to {path}")
@@ -859,7 +871,7 @@ def sample_grid(run, state, sampler, vae):
 
 def evaluate_fid(run, state, sampler, vae):
     """FID of --eval-num-samples EMA samples, split over the ranks, logged by rank 0."""
-    args = run.args
+    args, ema = run.args, ema_to_sample(run, state, every_rank=True)
     per_rank = math.ceil(args.eval_num_samples / run.world_size)
     g = torch.Generator().manual_seed(step_seed(args.global_seed + 1, run.rank))
     chunks = []
@@ -867,7 +879,7 @@ def evaluate_fid(run, state, sampler, vae):
         n = min(run.local_batch, per_rank - start)
         noise = torch.randn((n, args.in_channels, *cli.height_width(args.input_size)), generator=g).to(run.device)
         labels = torch.randint(0, max(1, args.num_classes), (n,), generator=g).to(run.device)  # unconditional: 0
-        chunks.append(generate(run, state.ema, sampler, noise, labels, args.eval_cfg_scale, vae,
+        chunks.append(generate(run, ema, sampler, noise, labels, args.eval_cfg_scale, vae,
                                seed=step_seed(args.global_seed + 2, run.rank * 100_003 + start)))
     gathered = [chunks]
     if run.world_size > 1:
@@ -1010,7 +1022,7 @@ def train_loop(run, state, loader, sampler, steps_per_epoch, vae):
                 window = Window.new(run.device)
             if state.train_steps % args.ckpt_every == 0 or state.train_steps >= max_steps:
                 checked_save(run, state, diffusion, inputs, window, steps_per_epoch)
-            if args.sample_every and state.train_steps % args.sample_every == 0 and run.rank == 0:
+            if args.sample_every and state.train_steps % args.sample_every == 0:
                 sample_grid(run, state, watcher, vae)
             if args.eval_every and state.train_steps % args.eval_every == 0:
                 evaluate_fid(run, state, watcher, vae)

@@ -14,7 +14,6 @@ often that region shows the digit asked for. Training resumes when repeated.
 """
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys

@@ -1,17 +1,21 @@
 """train.py --fsdp (sharding.py): FSDP2 on 2 gloo processes trains as DDP does, writes checkpoints in
 today's format (sample.py reads them, a resume with or without --fsdp continues them), resumes
-exactly, accumulates gradients through FSDP's no-sync switch, and refuses what it does not combine
-with."""
+exactly, accumulates gradients through FSDP's no-sync switch, samples and evaluates from a gathered
+copy of the EMA as DDP does, and refuses fp16."""
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cli
+import evaluate
 import sample
 import train
-from conftest import EXPERIMENT, STEPS, checkpoint, metrics, pixel_args, run_main, torchrun, write_images
+from conftest import (EXPERIMENT, STEPS, checkpoint, metrics, pixel_args, run_main, subprocess_env, torchrun,
+                      write_images)
+from inception_stub import TinyFeatures, write_fake_inception_weights
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +124,46 @@ def test_fsdp_on_one_process_trains_as_without(pixels, tmp_path):
     assert_same_training(checkpoint(tmp_path / "fsdp", 2), checkpoint(tmp_path / "plain", 2))
 
 
-@pytest.mark.parametrize("flags, named", [(["--sample-every", "4"], "--sample-every"),
-                                          (["--eval-every", "4"], "--eval-every"),
-                                          (["--precision", "fp16"], "--precision fp16")])
-def test_fsdp_refuses_what_it_does_not_combine_with(flags, named):
-    args = train.parse_args(["--data-path", "x", "--fsdp", *flags])
-    with pytest.raises(cli.UserError, match=f"--fsdp does not combine with {named}") as e:
+def test_fsdp_refuses_fp16():
+    args = train.parse_args(["--data-path", "x", "--fsdp", "--precision", "fp16"])
+    with pytest.raises(cli.UserError, match="--fsdp does not combine with --precision fp16.*use --precision bf16") as e:
         train.check_args(args)
     assert "\n" not in str(e.value)
-    train.check_args(train.parse_args(["--data-path", "x", *flags]))  # each is fine without --fsdp
+    train.check_args(train.parse_args(["--data-path", "x", "--precision", "fp16"]))  # fine without --fsdp
+
+
+@pytest.mark.slow
+def test_fsdp_samples_and_evaluates_as_ddp_while_training_on_unchanged(pixels, fsdp_run, tmp_path):
+    """--sample-every and --eval-every under --fsdp draw from a whole copy of the sharded EMA: the
+    grid and the FID of the DDP run, and the training goes on exactly as without them."""
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    env = subprocess_env()
+    env["TORCH_HOME"] = str(tmp_path / "torch_home")
+    write_fake_inception_weights(env["TORCH_HOME"])
+    watch = ["--sample-every", 4, "--eval-every", 4, "--eval-ref", ref, "--eval-num-samples", 16,
+             "--num-sampling-steps", 2]
+    for name, flags in (("fsdp", ["--fsdp"]), ("ddp", [])):
+        torchrun("train.py", *pixel_args(pixels, tmp_path / name, "--max-steps", STEPS, *flags, *watch), env=env)
+    assert_same_training(checkpoint(tmp_path / "fsdp", STEPS), checkpoint(fsdp_run, STEPS), exact=True)
+    for step in (4, STEPS):
+        grids = [np.asarray(Image.open(tmp_path / name / EXPERIMENT / "samples" / f"{step:07d}.png")).astype(int)
+                 for name in ("fsdp", "ddp")]
+        assert grids[0].shape == grids[1].shape and grids[0].std() > 0
+        assert np.abs(grids[0] - grids[1]).max() <= 1  # uint8: a rounding step at most
+    for name in ("fsdp", "ddp"):  # both ranks drew their share (the value needs more images than 16: next test)
+        log = (tmp_path / name / EXPERIMENT / "log.txt").read_text()
+        assert [f"(step={step:07d}) FID" in log for step in (4, STEPS)] == [True, True]
+
+
+def test_fsdp_eval_every_logs_the_fid_without_fsdp(pixels, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_inception", lambda device: TinyFeatures(cache_key=None))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    fids = []
+    for name, flags in (("fsdp", ["--fsdp"]), ("plain", [])):
+        assert run_main(pixel_args(pixels, tmp_path / name, "--max-steps", 2, "--eval-every", 2, "--eval-ref", ref,
+                                   "--eval-num-samples", 24, "--num-sampling-steps", 2, *flags)) is None
+        fids.append([r["fid"] for r in metrics(tmp_path / name) if "fid" in r])
+    assert len(fids[0]) == 1 and np.isfinite(fids[0][0]) and fids[0][0] > 0
+    np.testing.assert_allclose(fids[0], fids[1], rtol=1e-4)
