@@ -67,7 +67,7 @@ class Loaded:
     state_dict: dict  # the weights to sample with (a train.py checkpoint's EMA)
     model_args: dict  # DiT(**model_args); None when nothing recorded them
     diffusion_args: dict
-    settings: dict  # model (name), image_size, vae, vae_path, as far as known
+    settings: dict  # model (name), image_size, vae, vae_path, aspect_buckets, as far as known
     source: str  # the path, name or hub id read
 
 
@@ -169,7 +169,7 @@ def _load_any(name_or_path):
     if "ema" in ckpt or "model_args" in ckpt or isinstance(ckpt.get("args"), dict):
         ckpt = _upgrade(ckpt, source)
         args = ckpt.get("args") or {}
-        settings = {k: args.get(k) for k in ("model", "image_size", "vae", "vae_path")}
+        settings = {k: args.get(k) for k in ("model", "image_size", "vae", "vae_path", "aspect_buckets")}
         weights = ckpt["ema"] if "ema" in ckpt else ckpt["model"]  # sample from the EMA, as the paper does
         return Loaded(weights, ckpt["model_args"], ckpt["diffusion_args"], settings, source)
     return Loaded(ckpt, None, dict(DEFAULT_DIFFUSION_ARGS), {}, source)

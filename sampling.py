@@ -121,8 +121,9 @@ def load_model(args, device):
     vae_path = args.vae_path or (loaded.settings.get("vae_path") if args.vae is None else None)
 
     model = checkpoint.build_model(model_args, loaded.state_dict, f"checkpoint {loaded.source}").to(device)
-    if cli.height_width(latent_size) != cli.height_width(model_args["input_size"]):
-        warn_other_size(loaded.source, model_args, image_size, downsample)
+    # the image sizes it trained at: its --aspect-buckets, else its one size
+    trained_sizes = loaded.settings.get("aspect_buckets") or [scaled_size(model_args["input_size"], downsample)]
+    warn_other_size(loaded.source, model_args, image_size, trained_sizes)
     name = args.model or loaded.settings.get("model") or config_name(model_args)
     # The labels it samples: an unconditional model (0 classes) takes one, 0, which is its null class.
     settings = ModelSettings(name, image_size, max(1, model_args["num_classes"]), vae, vae_path,
@@ -154,13 +155,14 @@ def scaled_size(size, factor):
     return cli.size_value(height * factor, width * factor)
 
 
-def warn_other_size(source, model_args, image_size, downsample):
-    """Sampling at a size other than the training size: models without a position table
+def warn_other_size(source, model_args, image_size, trained_sizes):
+    """Sampling at a size other than the training sizes: models without a position table
     (--pos rope, none) take any grid as they are; DiT's fixed sine-cosine table is recomputed for
     the new grid (models.py), positions the model never trained on: one line says so."""
-    if model_args.get("pos", "sincos") != "sincos":
+    shape = cli.height_width(image_size)
+    if model_args.get("pos", "sincos") != "sincos" or shape in map(cli.height_width, trained_sizes):
         return
-    trained = cli.size_text(scaled_size(model_args["input_size"], downsample))
+    trained = ", ".join(map(cli.size_text, trained_sizes))
     print(f"warning: {source} was trained at {trained} px with fixed sine-cosine positions; at "
           f"{cli.size_text(image_size)} px they are recomputed for the new grid, positions it never trained on "
           f"(expect weaker images; --pos rope models are made for this)", file=sys.stderr)

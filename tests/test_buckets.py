@@ -5,8 +5,9 @@ Checks: images go to the nearest bucket (by log aspect ratio) at its size; the s
 rank of a step the same bucket, takes every full batch of each bucket once an epoch, and
 splits a global batch over ranks as one process would; two gloo processes train with one shape
 per step on both ranks and match one process; a bucketed run resumes exactly (rope, sincos,
-none); extract_features.py's bucketed latents train with --feature-path as encoding on the fly;
-the default run is untouched (no bucket flag, single-size features unchanged).
+none); sample.py draws at every bucket (a sincos model warns only off them); extract_features.py's
+bucketed latents train with --feature-path as encoding on the fly; the default run is untouched (no
+bucket flag, single-size features unchanged).
 """
 import json
 import os
@@ -18,8 +19,9 @@ from PIL import Image
 
 import data
 import extract_features
+import sample
 import tiny_vae
-from conftest import MODEL, assert_runs_agree, checkpoint, metrics, pixel_args, run_main, torchrun
+from conftest import EXPERIMENT, MODEL, assert_runs_agree, checkpoint, metrics, pixel_args, run_main, torchrun
 
 BUCKETS = "8x8,8x16,16x8"
 # (height, width) of the images written: 7x13 and 9x20 are nearest 8x16, 20x9 nearest 16x8
@@ -149,6 +151,20 @@ def test_a_bucketed_run_resumes_exactly(images, tmp_path, pos):
     assert ref["args"]["image_size"] == 8 and ref["args"]["aspect_buckets"] == [8, [8, 16], [16, 8]]
     losses = [[r["loss"] for r in metrics(tmp_path / run)] for run in ("resumed", "straight")]
     assert losses[0][3:] == losses[1][3:]
+
+
+def test_sample_py_draws_at_every_bucket_and_warns_only_off_them(images, tmp_path, capsys):
+    """A sincos model trained on buckets samples at each of them as at its trained size (no warning);
+    at a size it did not train at, the one-line warning names its buckets."""
+    assert run_main(bucket_args(images, tmp_path, "--max-steps", 2, "--pos", "sincos")) is None
+    ckpt = os.path.join(tmp_path, EXPERIMENT, "checkpoints", "0000002.pt")
+    capsys.readouterr()
+    for size, shape in (("8", (8, 8)), ("8x16", (8, 16)), ("16x8", (16, 8)), ("16", (16, 16))):
+        drawn = sample.main(["--ckpt", ckpt, "--image-size", size, "--num-sampling-steps", "2", "--class-labels",
+                             "1", "--output", str(tmp_path / "x.png")])
+        assert drawn.shape == (1, *shape, 1) and drawn.std() > 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "trained at 8, 8x16, 16x8 px" in warnings[0] and "at 16 px" in warnings[0]
 
 
 def test_a_resume_keeps_the_checkpoints_buckets(images, tmp_path, capsys):
