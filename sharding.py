@@ -19,8 +19,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 # Saving: the whole tensors, on rank 0's CPU (the other ranks get empty dicts). Loading: every rank
 # holds the whole checkpoint (memory-mapped, checkpoint.load_train) and keeps its shard.
-GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-SCATTER = StateDictOptions(full_state_dict=True)  # gathering with it gives every rank the whole tensors
+WHOLE_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+WHOLE_ON_EVERY_RANK = StateDictOptions(full_state_dict=True)
 
 
 def shard(model):
@@ -57,9 +57,9 @@ def full_state_dicts(model, ema, opt):
     """{model, ema, opt} state dicts gathered whole to rank 0, in train.py's checkpoint format (the
     optimiser's state keyed by parameter index, as Optimizer.state_dict gives it); a collective:
     every rank calls it, and only rank 0 gets the dicts (the others None)."""
-    weights = get_model_state_dict(model, options=GATHER)
-    ema_weights = get_model_state_dict(ema, options=GATHER)
-    opt_state = get_optimizer_state_dict(model, opt, options=GATHER)
+    weights = get_model_state_dict(model, options=WHOLE_ON_RANK0_CPU)
+    ema_weights = get_model_state_dict(ema, options=WHOLE_ON_RANK0_CPU)
+    opt_state = get_optimizer_state_dict(model, opt, options=WHOLE_ON_RANK0_CPU)
     if not opt_state:  # not rank 0
         return None
     index = {name: i for i, name in enumerate(parameter_names(model))}
@@ -72,19 +72,19 @@ def full_state_dicts(model, ema, opt):
 def whole_state_dict(module, every_rank):
     """The sharded module's whole state dict on every rank (on its device), or on rank 0's CPU only
     (the other ranks get {}); a collective, every rank calls it."""
-    return get_model_state_dict(module, options=SCATTER if every_rank else GATHER)
+    return get_model_state_dict(module, options=WHOLE_ON_EVERY_RANK if every_rank else WHOLE_ON_RANK0_CPU)
 
 
 def load_full_state_dicts(model, ema, opt, ckpt):
     """Load a train.py checkpoint's whole model, EMA and optimiser state into the sharded modules
     (each rank keeps its shard); a collective, on every rank."""
-    set_model_state_dict(model, ckpt["model"], options=SCATTER)
-    set_model_state_dict(ema, ckpt["ema"], options=SCATTER)
+    set_model_state_dict(model, ckpt["model"], options=WHOLE_ON_EVERY_RANK)
+    set_model_state_dict(ema, ckpt["ema"], options=WHOLE_ON_EVERY_RANK)
     names = parameter_names(model)
     opt_state = {"state": {names[i]: value for i, value in ckpt["opt"]["state"].items()},
                  "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                                   for group in ckpt["opt"]["param_groups"]]}
-    set_optimizer_state_dict(model, opt, opt_state, options=SCATTER)
+    set_optimizer_state_dict(model, opt, opt_state, options=WHOLE_ON_EVERY_RANK)
     # the saved hyperparameters as saved (it hands back betas as a list), as Optimizer.load_state_dict does
     for group, saved in zip(opt.param_groups, ckpt["opt"]["param_groups"]):
         group.update({key: value for key, value in saved.items() if key != "params"})

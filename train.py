@@ -848,8 +848,7 @@ def ema_to_sample(run, state, every_rank):
     if not weights:
         return None
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; training's draws stay as they were
-        copy = checkpoint.build_model(state.ema.model_args)
-    load_weights(copy, weights, "the gathered EMA")
+        copy = checkpoint.build_model(state.ema.model_args, weights, "the gathered EMA")
     return copy.to(run.device).eval().requires_grad_(False)
 
 

@@ -110,6 +110,12 @@ def write_images(folder, per_class=8, classes=3, size=8, mode="L", seed=0):
     return folder
 
 
+def write_eval_ref(path, count=40, size=8):
+    """A random reference batch, as ADM's .npz holds them (uint8 N x H x W x 3), for --eval-ref."""
+    np.savez(path, np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8))
+    return path
+
+
 def subprocess_env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

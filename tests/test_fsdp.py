@@ -14,7 +14,7 @@ import evaluate
 import sample
 import train
 from conftest import (EXPERIMENT, STEPS, checkpoint, metrics, pixel_args, run_main, subprocess_env, torchrun,
-                      write_images)
+                      write_eval_ref, write_images)
 from inception_stub import TinyFeatures, write_fake_inception_weights
 
 
@@ -136,8 +136,7 @@ def test_fsdp_refuses_fp16():
 def test_fsdp_samples_and_evaluates_as_ddp_while_training_on_unchanged(pixels, fsdp_run, tmp_path):
     """--sample-every and --eval-every under --fsdp draw from a whole copy of the sharded EMA: the
     grid and the FID of the DDP run, and the training goes on exactly as without them."""
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    ref = write_eval_ref(tmp_path / "ref.npz")
     env = subprocess_env()
     env["TORCH_HOME"] = str(tmp_path / "torch_home")
     write_fake_inception_weights(env["TORCH_HOME"])
@@ -158,8 +157,7 @@ def test_fsdp_samples_and_evaluates_as_ddp_while_training_on_unchanged(pixels, f
 
 def test_fsdp_eval_every_logs_the_fid_without_fsdp(pixels, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "load_inception", lambda device: TinyFeatures(cache_key=None))
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    ref = write_eval_ref(tmp_path / "ref.npz")
     fids = []
     for name, flags in (("fsdp", ["--fsdp"]), ("plain", [])):
         assert run_main(pixel_args(pixels, tmp_path / name, "--max-steps", 2, "--eval-every", 2, "--eval-ref", ref,

@@ -33,7 +33,8 @@ import sampling
 import tiny_dit
 import train
 from conftest import (BLOCK_TINY, EXPERIMENT, FLOW_ARGS, MODEL, ROOT, STEPS, TINY, checkpoint, close, metrics,
-                      pixel_args, random_model, run_main, subprocess_env, torchrun, train_pixels, write_images)
+                      pixel_args, random_model, run_main, subprocess_env, torchrun, train_pixels, write_eval_ref,
+                      write_images)
 from diffusion import create_process, samplers
 from models import BLOCKS, DiT
 
@@ -479,8 +480,7 @@ def test_eval_every_logs_fid(pixels, tmp_path, monkeypatch):
 
     # A cheap 16-dimensional stand-in for the Inception network, so a few dozen samples give a proper FID.
     monkeypatch.setattr(evaluate, "load_inception", lambda device: inception_stub.TinyFeatures(cache_key=None))
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    ref = write_eval_ref(tmp_path / "ref.npz")
     assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2, "--eval-every", 2, "--eval-ref", ref,
                                "--eval-num-samples", 24, "--num-sampling-steps", 2)) is None
     evals = [r for r in metrics(tmp_path) if "fid" in r]
