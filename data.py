@@ -340,9 +340,7 @@ class BucketedImages(Dataset):
 
     def _load(self, index):
         """Image `index`, or (unreadable when decoded) the next readable one of its bucket."""
-        same = (self.bucket_of == self.bucket_of[index]).nonzero().squeeze(1).tolist()
-        start = same.index(index)
-        for i in same[start:] + same[:start]:
+        for i in self._bucket_from(index):
             try:
                 return load_image(self.paths[i], self.buckets[self.bucket_of[i]], self.channels)
             except UNREADABLE_IMAGE as e:
@@ -350,6 +348,14 @@ class BucketedImages(Dataset):
                               f"bucket instead", stacklevel=2)
         raise UserError(f"no image of bucket {cli.size_text(self.buckets[self.bucket_of[index]])} under "
                         f"--data-path {self.root!r} could be read; check the files")
+
+    def _bucket_from(self, index):
+        """index, then the rest of its bucket from there on, wrapping round. Lazily: listing the bucket
+        scans the whole data set, too slow to do for every image loaded."""
+        yield index
+        same = (self.bucket_of == self.bucket_of[index]).nonzero().squeeze(1).tolist()
+        start = same.index(index)
+        yield from same[start + 1:] + same[:start]
 
     def __len__(self):
         return len(self.paths)

@@ -78,6 +78,19 @@ def test_images_go_to_the_nearest_bucket_at_its_size(images):
         dataset.__getitems__([0, 1])
 
 
+def test_an_image_that_fails_to_decode_gives_the_next_of_its_bucket(tmp_path):
+    """Its header reads (so it keeps its bucket and place); its pixels do not: the next image of the
+    same bucket, wrapping round, stands in, with a warning."""
+    folder = write_shaped_images(tmp_path / "images", shapes=[(8, 16), (8, 8), (8, 16)], per_shape=1, classes=1)
+    last = folder / "class0" / "02.png"
+    last.write_bytes(last.read_bytes()[:60])  # the PNG header and a cut-off image
+    images = data.BucketedImages(str(folder), [(8, 8), (8, 16)], channels=1, in_memory=False)
+    assert images.bucket_of.tolist() == [1, 0, 1]
+    with pytest.warns(UserWarning, match="02.png.*next image of its bucket"):
+        image, _ = images[2]
+    assert torch.equal(image, images[0][0]) and image.shape == (1, 8, 16)
+
+
 def test_the_sampler_gives_every_rank_one_bucket_and_each_bucket_its_share():
     bucket_of = torch.tensor([0] * 10 + [1] * 21 + [2] * 5)  # full batches of 4: 2, 5 and 1
     one = data.BucketSampler(bucket_of, 4, 1, 0, seed=3)
