@@ -95,6 +95,7 @@ class ImageFolder(Dataset):
             self._warn(f"ignored {len(ignored)} file(s) without an image extension in {root}, e.g. {ignored[0]}")
         check_labels(len(self.classes), num_classes, f"--data-path {root!r}")
         self.paths = [p for p, _ in samples]
+        self.listed = len(samples)  # image files found, readable or not: the count a resume compares (runs.py)
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.long)
         self.warned = set()
         if in_memory is None:
@@ -316,6 +317,7 @@ class BucketedImages(Dataset):
     def __init__(self, root, buckets, channels=3, num_classes=None, in_memory=None, quiet=False):
         listing = ImageFolder(root, buckets[0], channels, num_classes, in_memory=False, quiet=quiet)
         self.root, self.buckets, self.channels, self.classes = root, list(buckets), channels, listing.classes
+        self.listed = listing.listed
         with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             sizes = list(pool.map(self._dimensions, listing.paths))
         if not quiet and any(size is None for size in sizes):

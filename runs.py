@@ -89,14 +89,15 @@ def pick_resume(args):
 def data_identity(args, dataset=None):
     """What data this run reads: its folder, image count and class names (an image folder's, or as the
     features' metadata records them). Recorded in the checkpoints' args (log_start), compared on a
-    resume. dataset: the one built (else the folder is listed)."""
+    resume. dataset: the one built (else the folder is listed). An image folder counts its image files,
+    readable or not, so that the listing and the built data set (which drops unreadable ones) agree."""
     if args.feature_path:
         meta = dataset.meta if dataset is not None else data.FeatureShards.read_meta(args.feature_path)
         return {"path": os.path.realpath(args.feature_path), "images": meta.get("num_images"),
                 "classes": meta.get("classes")}
     if dataset is None:  # a listing only: no image is read
         dataset = data.ImageFolder(args.data_path, args.image_size or 256, in_memory=False, quiet=True)
-    return {"path": os.path.realpath(args.data_path), "images": len(dataset), "classes": list(dataset.classes)}
+    return {"path": os.path.realpath(args.data_path), "images": dataset.listed, "classes": list(dataset.classes)}
 
 
 def describe_data(identity):

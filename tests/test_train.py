@@ -695,6 +695,17 @@ def test_resume_on_other_data_is_refused_unless_allowed(pixels, tmp_path, capsys
                                              "classes": ["class0", "class1", "class2"]}
 
 
+def test_a_folder_with_an_unreadable_image_resumes_as_the_same_data(tmp_path, capsys):
+    """The run loads the images (and drops the broken one); the resume check only lists the folder: both
+    count the same image files, so the resume is not taken for other data."""
+    folder = write_images(tmp_path / "images")
+    (folder / "class0" / "broken.png").write_bytes(b"not a png")
+    results = tmp_path / "results"
+    assert run_main(pixel_args(folder, results, "--max-steps", 2)) is None
+    assert run_main(pixel_args(folder, results, "--max-steps", 3, "--resume", "auto"), capsys) is None
+    assert checkpoint(results, 3)["args"]["data_identity"]["images"] == 25  # 24 readable and the broken one
+
+
 def test_a_second_run_cannot_take_a_locked_folder(pixels, tmp_path, capsys):
     assert run_main(pixel_args(pixels, tmp_path, "--max-steps", 2)) is None
     lock = tmp_path / EXPERIMENT / runs.LOCK_FILE
