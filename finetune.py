@@ -21,14 +21,13 @@ CLASS_TABLES = ("y_embedder.embedding_table.weight", "class_tokens.embedding_tab
 
 
 def load_init(run):
-    """--init-from as a checkpoint.Loaded with its model_args (None without the flag). Rank 0 reads
-    it first (a released name is downloaded once), the other ranks after it."""
+    """--init-from as a checkpoint.Loaded with its model_args (None without the flag). Each machine's
+    rank 0 reads it first (a released name is downloaded once per machine), the other ranks after it."""
     source = run.args.init_from
     if not source:
         return None
-    init = checkpoint.load(source) if run.rank == 0 else None
-    distributed.barrier()
-    init = init or checkpoint.load(source)
+    with distributed.local_rank0_first():
+        init = checkpoint.load(source)
     init.model_args = init.model_args or checkpoint.model_args_from_state_dict(init.state_dict)
     if init.model_args is None:
         raise cli.UserError(f"--init-from {source!r} records no model configuration and its shapes match no named "

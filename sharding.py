@@ -63,10 +63,14 @@ def full_state_dicts(model, ema, opt):
     if not opt_state:  # not rank 0
         return None
     index = {name: i for i, name in enumerate(parameter_names(model))}
-    opt_state = {"state": {index[name]: value for name, value in opt_state["state"].items()},
-                 "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                  for group in opt_state["param_groups"]]}
-    return {"model": weights, "ema": ema_weights, "opt": opt_state}
+    return {"model": weights, "ema": ema_weights, "opt": rekeyed(opt_state, index)}
+
+
+def rekeyed(opt_state, key):
+    """An optimiser state dict with each parameter's key mapped through `key` (names <-> indices)."""
+    return {"state": {key[k]: value for k, value in opt_state["state"].items()},
+            "param_groups": [{**group, "params": [key[k] for k in group["params"]]}
+                             for group in opt_state["param_groups"]]}
 
 
 def whole_state_dict(module, every_rank):
@@ -80,10 +84,7 @@ def load_full_state_dicts(model, ema, opt, ckpt):
     (each rank keeps its shard); a collective, on every rank."""
     set_model_state_dict(model, ckpt["model"], options=WHOLE_ON_EVERY_RANK)
     set_model_state_dict(ema, ckpt["ema"], options=WHOLE_ON_EVERY_RANK)
-    names = parameter_names(model)
-    opt_state = {"state": {names[i]: value for i, value in ckpt["opt"]["state"].items()},
-                 "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                                  for group in ckpt["opt"]["param_groups"]]}
+    opt_state = rekeyed(ckpt["opt"], dict(enumerate(parameter_names(model))))
     set_optimizer_state_dict(model, opt, opt_state, options=WHOLE_ON_EVERY_RANK)
     # the saved hyperparameters as saved (it hands back betas as a list), as Optimizer.load_state_dict does
     for group, saved in zip(opt.param_groups, ckpt["opt"]["param_groups"]):

@@ -353,9 +353,6 @@ def step_seed(global_seed, step):
     return (global_seed % 2**31) * 2**32 + step
 
 
-# ------------------------------------------------------------------ experiment folders
-
-
 # ------------------------------------------------------------------ setting up
 @dataclasses.dataclass
 class Run:
@@ -468,7 +465,6 @@ def build_state(run, init=None):
     """Model, EMA, optimiser: identical initial weights on every rank, whatever the world size;
     fine-tuning: --init-from's weights (`init`) in both model and EMA."""
     args = run.args
-    micro_batch_size(run)  # refused now, before the experiment folder is made
     torch.manual_seed(args.global_seed)
     model_args = model_args_for(args.model, input_size=args.input_size, in_channels=args.in_channels,
                                 num_classes=args.num_classes, **cli.model_variant_args(args),
@@ -594,9 +590,6 @@ def log_start(run, state, dataset, steps_per_epoch, resume):
                     f"{state.batches_done}){where}")
 
 
-# ------------------------------------------------------------------ fine-tuning: --init-from
-
-
 # ------------------------------------------------------------------ one step
 def step_randomness(run, step, dropout, x_shape, process):
     """Every random draw of a step, made for the whole global batch from the step's seed, then
@@ -643,7 +636,7 @@ def micro_batches(run, batch, randomness, dropout, vae):
     flip, drop, t, latent_noise, noise = randomness
     if latent_noise is None:
         latent_noise, noise = bucket_noise(run, batch, noise)
-    size = run.local_batch // run.args.grad_accum_steps
+    size = micro_batch_size(run)
     for start in range(0, run.local_batch, size):
         part = slice(start, start + size)
         x, y = model_input(run, tuple(v[part] for v in batch), flip[part], latent_noise[part], vae)
@@ -904,6 +897,7 @@ def main(argv=None):
     rank, world_size, device = distributed.setup(args.device, timeout_min=args.dist_timeout_min)
     try:
         run = Run(args, rank, world_size, device, local_batch_size(args.global_batch_size, world_size))
+        micro_batch_size(run)  # refused now, before any checkpoint, data or experiment folder
         resume = start_resume(run)
         init = finetune.load_init(run)  # --init-from: the weights a new run starts from (None without it)
         apply_checkpoint_settings(args, resume.ckpt, init)

@@ -159,7 +159,8 @@ def metrics(results_dir):
 
 
 # ------------------------------------------------------------------ shared by several test files
-BLOCK_TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+BLOCK_TINY = dict(input_size=8, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +197,6 @@ def one_error_line(function, *args):
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 
 
 FLOW_ARGS = {"objective": "flow", "t_sampling": "uniform"}
@@ -247,11 +245,6 @@ def pixel_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     photos = write_photos(root / "photos", 12, 20)
     return root, train_pixels(photos, root / "results", "8x16")
-
-
-def close(actual, expected):
-    atol = 1e-5 * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
 
 
 def random_model(**kwargs):

@@ -27,7 +27,7 @@ import cli
 import models
 import sampling
 import train
-from conftest import MODEL, ROOT, close, random_model
+from conftest import MODEL, ROOT, assert_close_to_golden, random_model
 from fast import check_quantize, compile_model, quantize_model
 from tiny_dit import tiny
 
@@ -38,12 +38,12 @@ def inputs():
 
 
 def assert_same_gradients(fast, eager, x, t, y, drop):
-    close(fast(x, t, y, force_drop_ids=drop), eager(x, t, y, force_drop_ids=drop))
+    assert_close_to_golden(fast(x, t, y, force_drop_ids=drop), eager(x, t, y, force_drop_ids=drop))
     for model in (eager, fast):
         model(x, t, y, force_drop_ids=drop).square().mean().backward()
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         if p.grad is not None:
-            close(q.grad, p.grad)
+            assert_close_to_golden(q.grad, p.grad)
 
 
 @pytest.mark.slow
@@ -63,8 +63,8 @@ def test_frozen_inference_model_matches_the_default_with_guidance():
     eager = random_model().eval()
     fast = compile_model(random_model().eval(), inference=True)
     with torch.no_grad():
-        close(fast(x, t, y), eager(x, t, y))
-        close(fast.forward_with_cfg(x, t, y, 4.0), eager.forward_with_cfg(x, t, y, 4.0))
+        assert_close_to_golden(fast(x, t, y), eager(x, t, y))
+        assert_close_to_golden(fast.forward_with_cfg(x, t, y, 4.0), eager.forward_with_cfg(x, t, y, 4.0))
     assert not torch._inductor.config.freezing  # set only around the calls
 
 
@@ -81,8 +81,8 @@ def test_sigmoid_gelu_matches_the_tanh_gelu_and_its_gradient():
         grads.append(torch.autograd.grad(out.square().sum(), x)[0])
         if not sigmoid_gelu:
             expected = out
-    close(out, expected)
-    close(grads[1], grads[0])
+    assert_close_to_golden(out, expected)
+    assert_close_to_golden(grads[1], grads[0])
 
 
 def test_compile_model_compiles_the_model_or_only_its_blocks():

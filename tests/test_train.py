@@ -32,9 +32,9 @@ import sample
 import sampling
 import tiny_dit
 import train
-from conftest import (BLOCK_TINY, EXPERIMENT, FLOW_ARGS, MODEL, ROOT, STEPS, TINY, checkpoint, close, metrics,
-                      pixel_args, random_model, run_main, subprocess_env, torchrun, train_pixels, write_eval_ref,
-                      write_images)
+from conftest import (BLOCK_TINY, EXPERIMENT, FLOW_ARGS, MODEL, ROOT, STEPS, TINY, assert_close_to_golden,
+                      checkpoint, metrics, pixel_args, random_model, run_main, subprocess_env, torchrun, train_pixels,
+                      write_eval_ref, write_images)
 from diffusion import create_process, samplers
 from models import BLOCKS, DiT
 
@@ -295,7 +295,7 @@ def test_adamw_kernels_match_the_default_loop():
                                                                  train.adamw_kernel(cpu, fast=True)))
     for name in loop:
         assert torch.equal(loop[name], foreach[name]), name
-        close(fused[name], loop[name])
+        assert_close_to_golden(fused[name], loop[name])
 
 
 def test_ddp_over_gloo_uses_small_buckets_and_the_same_gradients(tmp_path):
@@ -330,7 +330,7 @@ def test_train_compile_matches_the_default_run(tmp_path):
     ours, ref = checkpoint(tmp_path / "fast", 2), checkpoint(tmp_path / "plain", 2)
     for key in ("model", "ema"):
         for name in ref[key]:
-            close(ours[key][name], ref[key][name])
+            assert_close_to_golden(ours[key][name], ref[key][name])
     assert ref["opt"]["param_groups"][0]["foreach"] is True and ours["opt"]["param_groups"][0]["fused"] is True
 
 
