@@ -401,16 +401,13 @@ def _pipeline_file(source, name):
     if os.path.isdir(source):
         path = os.path.join(source, *name.split("/"))
         return path if os.path.isfile(path) else None
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(source, name)
-    return path if isinstance(path, str) else None  # None or "known missing" marker
+    return hub.cached_file(source, name)
 
 
 def _pipeline_vae_folder(source, subfolder):
     """The pipeline's vae/ folder when its config and weights are at hand (cached for a hub id)."""
     if subfolder is None or _pipeline_file(source, "vae/config.json") is None:
         return None
-    weights = [_pipeline_file(source, f"vae/diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+    weights = [_pipeline_file(source, f"vae/{name}") for name in hub.WEIGHT_FILES]
     found = next((path for path in weights if path), None)
     return os.path.dirname(found) if found else None
