@@ -162,7 +162,7 @@ def _load_any(name_or_path):
         return Loaded(state_dict, complete_model_args(model_args), diffusion_args, settings, source)
     if source in download.RELEASED_MODELS and not os.path.isfile(source):
         source = download.download_model(source)
-    ckpt = files.load_torch(source, "checkpoint")
+    ckpt = files.load_torch(source, "checkpoint", mmap=True)  # mapped, as load_train: model+EMA+AdamW is ~10.8 GB
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {source!r} holds a {type(ckpt).__name__}, not a state_dict or a train.py "
                         f"checkpoint")

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler, default_colla
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 import cli
-from errors import UserError, first_line
+from errors import UserError
 from files import load_torch
 
 IN_MEMORY_LIMIT = 1 << 30  # bytes: smaller image sets and feature sets are held in RAM
@@ -207,7 +207,7 @@ class FeatureShards(Dataset):
             path = os.path.join(root, entry["file"])
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"feature shard {path} is missing; re-run extract_features.py to rebuild it")
-            shard = load_torch_mmap(path) if self.meta["bytes"] > IN_MEMORY_LIMIT else load_torch(path, "feature shard")
+            shard = load_torch(path, "feature shard", mmap=self.meta["bytes"] > IN_MEMORY_LIMIT)
             if len(shard["labels"]) != entry["count"]:
                 raise UserError(f"feature shard {path} holds {len(shard['labels'])} images, expected "
                                 f"{entry['count']}; delete it and re-run extract_features.py")
@@ -240,15 +240,6 @@ class FeatureShards(Dataset):
             mean[rows] = self.shards[k]["mean"][local]
             std[rows] = self.shards[k]["std"][local]
         return mean, std, self.labels[indices]
-
-
-def load_torch_mmap(path):
-    """A shard memory-mapped rather than read: tensors only, like files.load_torch."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"feature shard {path!r} is corrupt ({first_line(e)}); delete it and "
-                         f"re-run extract_features.py") from None
 
 
 class ResumableSampler(DistributedSampler):

@@ -33,7 +33,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zipfile
 
 import torch
 from tqdm.auto import tqdm
@@ -168,8 +167,8 @@ def _weights_problem(path):
     tensors under torch.load(weights_only=True); download.py records no checksums of the released
     files, so this is the check. A zip-format file is memory-mapped: checking gigabytes reads little."""
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a non-PyTorch file
+        weights = files.load_torch(path, "downloaded weights", mmap=True)
+    except cli.UserError:  # corrupt, not PyTorch, or pickled objects refused: all not the weights
         return f"{os.path.getsize(path)} bytes that are not a PyTorch file (starting {_first_bytes(path)!r})"
     if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
         return f"a PyTorch file holding {_summary(weights)}, not a state_dict of tensors"
@@ -249,7 +248,7 @@ def find_model(name_or_path):
     path = os.fspath(name_or_path)
     if path in RELEASED_MODELS and not os.path.isfile(path):
         path = download_model(path)
-    ckpt = files.load_torch(path, "checkpoint")
+    ckpt = files.load_torch(path, "checkpoint", mmap=True)  # a train.py checkpoint's optimiser state stays unread
     return ckpt["ema"] if isinstance(ckpt, dict) and "ema" in ckpt else ckpt
 
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from errors import UserError
 
 LOOKUP_SECONDS = 3.0  # the hub's name lookup: longer than this counts as no network
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers', preferred first
 
 
 def cached_or_reachable(repo_id, what, fix, subfolder=None):
@@ -32,17 +32,21 @@ def cached_or_reachable(repo_id, what, fix, subfolder=None):
 
 def cached_snapshot(repo_id, subfolder=None):
     """The snapshot folder holding `subfolder`/config.json and its weights in the local cache, else None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(name):
-        path = try_to_load_from_cache(repo_id, f"{subfolder}/{name}" if subfolder else name)
-        return path if isinstance(path, str) else None  # None, or the "known to be missing" marker
-
-    config = cached("config.json")
-    if config is None or not any(cached(name) for name in WEIGHT_FILES):
+    prefix = f"{subfolder}/" if subfolder else ""
+    config = cached_file(repo_id, prefix + "config.json")
+    if config is None or not any(cached_file(repo_id, prefix + name) for name in WEIGHT_FILES):
         return None
     folder = os.path.dirname(config)
     return os.path.dirname(folder) if subfolder else folder
+
+
+def cached_file(repo_id, name):
+    """Local path of file `name` (e.g. "vae/config.json") of hub repo `repo_id` in the cache, else None;
+    it asks no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, name)
+    return path if isinstance(path, str) else None  # None, or the "known to be missing" marker
 
 
 def offline_reason():

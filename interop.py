@@ -20,7 +20,6 @@ Note: diffusers' DiTTransformer2DModel embeds timesteps with slightly other freq
 so stock diffusers runs DiT weights (ours, and the hub's facebook/DiT-XL-2-*) as a slightly
 different function; `use_original_timestep_frequencies(pipeline.transformer)` makes it exact.
 """
-import inspect
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import files
 import hub
 import vae as vae_lib
 from errors import UserError, first_line
-from diffusion import create_diffusion, objective_of
+from diffusion import DEFAULT_DIFFUSION_ARGS, objective_of
 from models import config_name, sincos_pos_embed_2d
 
 # ------------------------------------------------------------------ layer names
@@ -221,7 +220,7 @@ def scheduler_for(diffusion_args):
         raise UserError(f"DiTPipeline samples Gaussian diffusion ({' or '.join(PREDICTION_TYPES)} objective) only, and "
                         f"this DiT was trained with the {objective} objective: export it as .safetensors instead "
                         f"(sample.py reads it)")
-    args = {**_process_defaults(), **diffusion_args}
+    args = {**DEFAULT_DIFFUSION_ARGS, **diffusion_args}  # what a key missing from a record means
     steps = args["diffusion_steps"]
     if args["noise_schedule"] == "linear":  # ours scales the range so that any step count spans the same
         betas = dict(beta_schedule="linear", beta_start=0.0001 * 1000 / steps, beta_end=0.02 * 1000 / steps)
@@ -230,16 +229,14 @@ def scheduler_for(diffusion_args):
     else:
         raise UserError(f"noise schedule {args['noise_schedule']!r} has no diffusers scheduler; "
                         f"export it as .safetensors instead")
-    prediction = "sample" if args["predict_xstart"] else PREDICTION_TYPES[objective]
+    prediction = "sample" if args.get("predict_xstart") else PREDICTION_TYPES[objective]  # absent: off
     return DDIMScheduler(num_train_timesteps=steps, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
                          prediction_type=prediction, **betas)
 
 
 def diffusion_args_from_scheduler(config, learn_sigma, source):
     """Our diffusion_args for a diffusers scheduler config (None: the paper's process)."""
-    defaults = _process_defaults()
-    args = {"noise_schedule": defaults["noise_schedule"], "diffusion_steps": defaults["diffusion_steps"],
-            "learn_sigma": learn_sigma}
+    args = {**DEFAULT_DIFFUSION_ARGS, "learn_sigma": learn_sigma}  # the release's schedule unless it says otherwise
     if config is None:
         return args
     steps = config.get("num_train_timesteps", 1000)
@@ -263,12 +260,6 @@ def _objective_args(prediction, source):
         raise UserError(f"{source!r}: its scheduler predicts {prediction!r}, which no DiT objective does "
                         f"({', '.join(objectives)} or sample); it cannot be converted")
     return {} if objectives[prediction] == "eps" else {"objective": objectives[prediction]}
-
-
-def _process_defaults():
-    """create_diffusion's keyword defaults: what a key missing from diffusion_args means."""
-    return {name: p.default for name, p in inspect.signature(create_diffusion).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 # ------------------------------------------------------------------ writing a pipeline
@@ -401,16 +392,13 @@ def _pipeline_file(source, name):
     if os.path.isdir(source):
         path = os.path.join(source, *name.split("/"))
         return path if os.path.isfile(path) else None
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(source, name)
-    return path if isinstance(path, str) else None  # None or "known missing" marker
+    return hub.cached_file(source, name)
 
 
 def _pipeline_vae_folder(source, subfolder):
     """The pipeline's vae/ folder when its config and weights are at hand (cached for a hub id)."""
     if subfolder is None or _pipeline_file(source, "vae/config.json") is None:
         return None
-    weights = [_pipeline_file(source, f"vae/diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+    weights = [_pipeline_file(source, f"vae/{name}") for name in hub.WEIGHT_FILES]
     found = next((path for path in weights if path), None)
     return os.path.dirname(found) if found else None

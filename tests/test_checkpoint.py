@@ -145,3 +145,17 @@ def test_older_checkpoints_get_the_release_options():
     completed = checkpoint.complete_model_args(old)
     assert {k: completed[k] for k in ("pos", "qk_norm", "mlp", "norm")} == \
         dict(pos="sincos", qk_norm=False, mlp="gelu", norm="layernorm")
+
+
+def test_load_and_find_model_memory_map_a_train_checkpoint(tmp_path, monkeypatch):
+    """Sampling reads only the EMA of a checkpoint that also holds the model and AdamW state."""
+    path = tmp_path / "0000010.pt"
+    written = tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (calls.append(kwargs), real_load(*args, **kwargs))[1])
+    loaded = checkpoint.load(str(path))
+    found = download.find_model(str(path))
+    assert len(calls) == 2 and all(c["mmap"] is True and c["weights_only"] is True for c in calls)
+    assert all(torch.equal(loaded.state_dict[k], written["ema"][k]) and torch.equal(found[k], written["ema"][k])
+               for k in written["ema"])
