@@ -207,7 +207,8 @@ class FeatureShards(Dataset):
             path = os.path.join(root, entry["file"])
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"feature shard {path} is missing; re-run extract_features.py to rebuild it")
-            shard = load_torch(path, "feature shard", mmap=self.meta["bytes"] > IN_MEMORY_LIMIT)
+            shard = load_torch(path, "feature shard", mmap=self.meta["bytes"] > IN_MEMORY_LIMIT,
+                               fix="delete it and re-run extract_features.py")
             if len(shard["labels"]) != entry["count"]:
                 raise UserError(f"feature shard {path} holds {len(shard['labels'])} images, expected "
                                 f"{entry['count']}; delete it and re-run extract_features.py")

@@ -171,7 +171,8 @@ def write_meta(args, config, plan, dataset):
         path = os.path.join(args.feature_path, data.shard_name(i))
         if not os.path.exists(path):
             raise cli.UserError(f"shard {path} is missing after extraction; re-run the same command to finish it")
-        shard = files.load_torch(path, "feature shard", mmap=True)  # reads the shapes, not the data
+        shard = files.load_torch(path, "feature shard", mmap=True,  # reads the shapes, not the data
+                                 fix="delete it and re-run the same command to write it again")
         latent_shape = list(shard["mean"].shape[2:])
         total_bytes += sum(shard[k].numel() * shard[k].element_size() for k in ("mean", "std"))
         shards.append({"file": data.shard_name(i), "count": len(shard["labels"])})

@@ -121,10 +121,11 @@ def is_well_formed_pickle(path):
     return opcodes > 1  # more than a lone STOP, which one random byte in 256 would be
 
 
-def load_torch(path, what="checkpoint", mmap=False):
-    """torch.load(weights_only=True) with one-line errors for missing, corrupt or unsafe files.
-    mmap: map a zip-format file's tensors from the page cache instead of reading them into this
-    process's memory (older, non-zip files are read)."""
+def load_torch(path, what="checkpoint", mmap=False, fix="re-download or re-save it"):
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt or unsafe files; fix:
+    what the error tells the user to do about a corrupt file. mmap: map a zip-format file's tensors
+    from the page cache instead of reading them into this process's memory (older, non-zip files
+    are read)."""
     path = check_input_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
@@ -139,7 +140,7 @@ def load_torch(path, what="checkpoint", mmap=False):
         # the weights-only unpickler's complaint about a random opcode would only mislead here
         detail = "" if isinstance(e, pickle.UnpicklingError) else f": {lines[0][:200]}"
         raise UserError(f"{what} {path!r} is not a readable PyTorch file (truncated or corrupt{detail}); "
-                        f"re-download or re-save it") from None
+                        f"{fix}") from None
 
 
 def is_full_disk(error, folder):

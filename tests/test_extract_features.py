@@ -134,6 +134,17 @@ def test_large_feature_sets_are_memory_mapped(setup, monkeypatch):
     assert torch.equal(mapped[6][0], small.shards[0]["mean"][6])
 
 
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_corrupt_feature_shard_says_to_extract_it_again(setup, tmp_path, monkeypatch, mapped):
+    features = tmp_path / "features"
+    shutil.copytree(setup["features"], features)
+    (features / "shard-00001.pt").write_bytes(b"half a shard")
+    if mapped:
+        monkeypatch.setattr(data, "IN_MEMORY_LIMIT", 0)
+    with pytest.raises(cli.UserError, match=r"shard-00001.pt.*corrupt.*delete it and re-run extract_features.py"):
+        data.FeatureShards(str(features))
+
+
 # ------------------------------------------------------------------ image folders: what is read, what is refused
 
 
