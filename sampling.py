@@ -383,8 +383,7 @@ def _guided(model, cfg_scale, guide_all_channels, precision, device, noise_level
                 half = len(x) // 2
                 conditional = run(x[:half], t[:half], y[:half]).float()
                 return torch.cat([conditional, conditional])
-            if block_cache is None:
-                return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels).float()
+            # forward_with_cfg's steps, with run in place of its model call (the same ops without a cache)
             half = x[: len(x) // 2]
             return model.apply_guidance(run(torch.cat([half, half]), t, y), cfg_scale, guide_all_channels).float()
     return forward
