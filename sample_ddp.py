@@ -89,7 +89,7 @@ def labels_and_generators(args, num_classes, indices, device):
     (the release's draws), on a GPU from generators there seeded alike."""
     generators = sampling.seeded_generators(args.global_seed, indices)
     labels = class_labels(args, num_classes, indices, generators)
-    if torch.device(device).type == "cuda":
+    if sampling.noise_device(device).type != "cpu":
         generators = sampling.seeded_generators(args.global_seed, indices, device)
     return labels, generators
 
@@ -223,7 +223,7 @@ def _sample(args, rank, world_size, device):
               **{k: getattr(args, k) for k in (
                   "cfg_scale", "cfg_all_channels", "global_seed", "balanced_classes", "precision",
                   "num_fid_samples", "per_proc_batch_size", "vae_tiling", "quantize")},
-              "noise_device": "cuda" if device.type == "cuda" else "cpu"}
+              "noise_device": sampling.noise_device(device).type}
 
     # Every rank checks the earlier run's settings and lists the missing PNGs before any is written.
     check_same_settings(folder, record, IMAGE_SETTINGS + (("num_fid_samples",) if args.balanced_classes else ())

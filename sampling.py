@@ -383,8 +383,7 @@ def _guided(model, cfg_scale, guide_all_channels, precision, device, noise_level
                 half = len(x) // 2
                 conditional = run(x[:half], t[:half], y[:half]).float()
                 return torch.cat([conditional, conditional])
-            if block_cache is None:
-                return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels).float()
+            # forward_with_cfg's steps, with run in place of its model call (the same ops without a cache)
             half = x[: len(x) // 2]
             return model.apply_guidance(run(torch.cat([half, half]), t, y), cfg_scale, guide_all_channels).float()
     return forward
@@ -481,13 +480,19 @@ def _mean_stats(weighted):
                    for field in dataclasses.fields(Stats)))
 
 
-def seeded_generators(global_seed, indices, device="cpu"):
-    """One generator per sample index, seeded from (global_seed, index) alone. On a CUDA device the
-    generators live there, so each step's noise is drawn on the GPU (no CPU draw and copy per step;
-    other numbers than the CPU's, as the device's generator is another algorithm); on any other
-    device they are CPU generators, whose draws are the release's."""
+def noise_device(device):
+    """Where the noise for sampling on `device` is drawn: on a CUDA device there (no CPU draw and
+    copy per step; other numbers than the CPU's, as the device's generator is another algorithm),
+    on any other device on the CPU, whose draws are the release's. The one place this is decided:
+    seeded_generators, sample_ddp.py's generators and its record's noise_device all follow it."""
     device = torch.device(device)
-    where = device if device.type == "cuda" else "cpu"
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def seeded_generators(global_seed, indices, device="cpu"):
+    """One generator per sample index, seeded from (global_seed, index) alone, on
+    noise_device(device)."""
+    where = noise_device(device)
     return [torch.Generator(device=where).manual_seed(int(np.random.SeedSequence([global_seed, int(i)])
                                                           .generate_state(1, np.uint64)[0]))
             for i in indices]

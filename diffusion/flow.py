@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion_utils import host_timestep, mean_flat, with_host_timestep
+from .diffusion_utils import host_timestep, mean_flat, timestep_batch
 
 TIMESTEP_SCALE = 1000.0  # the model sees t * 1000, as the Gaussian process's timestep indices
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -59,9 +59,12 @@ class LinearFlow:
         """velocity(x, t) for the samplers below, from model(x, t * 1000, **model_kwargs)'s first
         `channels` channels; t a float, or a 0-d tensor (dopri5)."""
         def velocity(x, t):
-            timesteps = torch.as_tensor(t, dtype=torch.float32, device=x.device).mul(TIMESTEP_SCALE).expand(len(x))
-            if not torch.is_tensor(t):  # a time of the fixed grid: known on the host
-                with_host_timestep(timesteps, float(np.float32(t) * np.float32(TIMESTEP_SCALE)))  # as on the device
+            if torch.is_tensor(t):  # dopri5's time, computed on the device: scaled there
+                timesteps = torch.as_tensor(t, dtype=torch.float32, device=x.device).mul(TIMESTEP_SCALE).expand(len(x))
+            else:  # a time of the fixed grid, known on the host: filled on the device (no copy per call),
+                # scaled in float32 as the device would, so the model sees the values it always did
+                scaled = float(np.float32(t) * np.float32(TIMESTEP_SCALE))
+                timesteps = timestep_batch(scaled, len(x), x.device, dtype=torch.float32)
             return model(x, timesteps, **model_kwargs)[:, :channels]
         return velocity
 

@@ -236,6 +236,20 @@ def decay(x, t):
     return x * math.cos(float(t))
 
 
+def test_flow_velocity_feeds_the_model_t_times_1000_in_float32_known_on_the_host_for_grid_times():
+    seen = []
+    velocity = flow.LinearFlow.velocity_field(lambda x, t: seen.append(t) or x, {}, 2)
+    x = torch.zeros(3, 2, 4, 4)
+    for steps in (7, 33, 250):
+        for t in flow.time_grid(steps):
+            velocity(x, t)
+            expected = torch.tensor(t, dtype=torch.float32).mul(flow.TIMESTEP_SCALE).expand(3)
+            assert torch.equal(seen[-1], expected) and seen[-1].dtype == torch.float32
+            assert seen[-1].host_timestep == float(expected[0])  # no device read for --cfg-interval / caching
+    velocity(x, torch.tensor(0.25, dtype=torch.float64))  # dopri5's time, on the device: read from there
+    assert torch.equal(seen[-1], torch.full((3,), 250.0)) and not hasattr(seen[-1], "host_timestep")
+
+
 def test_euler_is_exact_on_a_constant_velocity_field():
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     velocity = torch.randn_like(x)

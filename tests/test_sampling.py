@@ -218,6 +218,13 @@ def test_seeded_generators_live_on_a_cuda_device_and_stay_the_cpus_elsewhere(mon
     assert cpu[0] == sampling.seeded_generators(5, [3, 0])[1].initial_seed()
 
 
+def test_noise_device_is_the_cuda_device_itself_and_the_cpu_for_any_other():
+    assert sampling.noise_device("cuda:1") == torch.device("cuda", 1)
+    assert sampling.noise_device(torch.device("cuda")) == torch.device("cuda")
+    assert sampling.noise_device("cpu") == torch.device("cpu")
+    assert sampling.noise_device("mps") == torch.device("cpu")
+
+
 @cuda_only
 def test_on_cuda_a_samples_image_does_not_depend_on_its_batch(tmp_path):
     ckpt = str(tmp_path / "tiny.pt")
