@@ -122,12 +122,18 @@ def test_train_checkpoint_yields_ema_weights_and_args(tmp_path):
 
 
 # ------------------------------------------------------------------ part 10: memory-mapped resume
-def test_load_train_memory_maps_the_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def torch_load_calls(monkeypatch):
+    """The keyword arguments of each torch.load call the test makes, in order."""
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (calls.append(kwargs), real_load(*args, **kwargs))[1])
+    return calls
+
+
+def test_load_train_memory_maps_the_checkpoint(tmp_path, torch_load_calls):
     path = tmp_path / "0000010.pt"
     written = tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
-    calls = []
-    real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (calls.append(kwargs), real_load(*args, **kwargs))[1])
+    calls = torch_load_calls
     ckpt = checkpoint.load_train(str(path))
     assert calls and calls[0]["mmap"] is True and calls[0]["weights_only"] is True
     assert all(torch.equal(ckpt["ema"][k], written["ema"][k]) for k in written["ema"])
@@ -135,6 +141,18 @@ def test_load_train_memory_maps_the_checkpoint(tmp_path, monkeypatch):
     torch.save(written, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(checkpoint.load_train(str(legacy))["ema"]["pos_embed"], written["ema"]["pos_embed"])
     assert calls[-1]["mmap"] is False
+
+
+def test_load_and_find_model_memory_map_a_train_checkpoint(tmp_path, torch_load_calls):
+    """Sampling reads only the EMA of a checkpoint that also holds the model and AdamW state."""
+    path = tmp_path / "0000010.pt"
+    written = tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
+    calls = torch_load_calls
+    loaded = checkpoint.load(str(path))
+    found = download.find_model(str(path))
+    assert len(calls) == 2 and all(c["mmap"] is True and c["weights_only"] is True for c in calls)
+    assert all(torch.equal(loaded.state_dict[k], written["ema"][k]) and torch.equal(found[k], written["ema"][k])
+               for k in written["ema"])
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -145,17 +163,3 @@ def test_older_checkpoints_get_the_release_options():
     completed = checkpoint.complete_model_args(old)
     assert {k: completed[k] for k in ("pos", "qk_norm", "mlp", "norm")} == \
         dict(pos="sincos", qk_norm=False, mlp="gelu", norm="layernorm")
-
-
-def test_load_and_find_model_memory_map_a_train_checkpoint(tmp_path, monkeypatch):
-    """Sampling reads only the EMA of a checkpoint that also holds the model and AdamW state."""
-    path = tmp_path / "0000010.pt"
-    written = tiny_dit.write_checkpoint(path, image_size=8, vae="none", in_channels=1)
-    calls = []
-    real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (calls.append(kwargs), real_load(*args, **kwargs))[1])
-    loaded = checkpoint.load(str(path))
-    found = download.find_model(str(path))
-    assert len(calls) == 2 and all(c["mmap"] is True and c["weights_only"] is True for c in calls)
-    assert all(torch.equal(loaded.state_dict[k], written["ema"][k]) and torch.equal(found[k], written["ema"][k])
-               for k in written["ema"])
