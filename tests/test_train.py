@@ -701,8 +701,9 @@ def test_a_folder_with_an_unreadable_image_resumes_as_the_same_data(tmp_path, ca
     folder = write_images(tmp_path / "images")
     (folder / "class0" / "broken.png").write_bytes(b"not a png")
     results = tmp_path / "results"
-    assert run_main(pixel_args(folder, results, "--max-steps", 2)) is None
-    assert run_main(pixel_args(folder, results, "--max-steps", 3, "--resume", "auto"), capsys) is None
+    for steps, resume in ((2, ()), (3, ("--resume", "auto"))):
+        with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+            assert run_main(pixel_args(folder, results, "--max-steps", steps, *resume), capsys) is None
     assert checkpoint(results, 3)["args"]["data_identity"]["images"] == 25  # 24 readable and the broken one
 
 
